@@ -1,0 +1,354 @@
+"""The ingest stage: sources -> cleaned, filtered, deduplicated, decontaminated Parquet shards.
+
+Per shard (in parallel): read -> decode -> normalise -> quality filters -> PII scrub ->
+decontaminate -> sha256 + MinHash signature. Then once, in the fixed global order: exact and
+near-duplicate removal, and the output parts, data card, quarantine and metrics, written atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tasks import filters
+from tasks.config import DataConfig
+from tasks.decontam import benchmark_index
+from tasks.dedup import deduplicate, doc_signature, minhash_permutations, ngram_hashes, token_hashes
+from tasks.normalize import DecodeError, decode, normalize_text
+from tasks.scrub import scrub
+from tasks.sources import Bad, Item, SourceError, discover, read_item
+from tasks.storage import atomic_dir, atomic_write_text
+
+SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("text", pa.string()),
+        ("source", pa.string()),
+        ("uri", pa.string()),
+        ("sha256", pa.string()),
+        ("n_bytes", pa.int64()),
+    ]
+)
+STEPS = ("read", "normalize", "filter", "scrub", "decontam", "hash_minhash")
+
+
+class IngestError(RuntimeError):
+    """The stage cannot produce a usable corpus; the message says what to change."""
+
+
+@dataclass
+class SourceStats:
+    docs_in: int = 0
+    bytes_in: int = 0
+    quarantined: int = 0
+    filtered: Counter = field(default_factory=Counter)
+    pii: Counter = field(default_factory=Counter)
+    contaminated: int = 0
+    encodings: Counter = field(default_factory=Counter)
+
+    def merge(self, other: SourceStats) -> None:
+        self.docs_in += other.docs_in
+        self.bytes_in += other.bytes_in
+        self.quarantined += other.quarantined
+        self.contaminated += other.contaminated
+        self.filtered.update(other.filtered)
+        self.pii.update(other.pii)
+        self.encodings.update(other.encodings)
+
+
+@dataclass
+class ShardResult:
+    rows: list[dict]
+    signatures: list[np.ndarray]
+    stats: dict[int, SourceStats]
+    quarantine: list[dict]
+    contamination: list[dict]
+    seconds: dict[str, float]
+
+
+def plan_shards(cfg: DataConfig) -> list[list[Item]]:
+    """Discover every input and cut the list into shards of ``shard_docs`` items."""
+    items = discover(cfg)
+    if not items:
+        raise IngestError("the sources hold no input at all; check data.sources")
+    return [items[i : i + cfg.shard_docs] for i in range(0, len(items), cfg.shard_docs)]
+
+
+def doc_id(source_label: str, uri: str) -> str:
+    return hashlib.sha256(f"{source_label}\0{uri}".encode()).hexdigest()[:24]
+
+
+def process_shard(items: list[Item], cfg: DataConfig) -> ShardResult:
+    perms = minhash_permutations(cfg.minhash_perm, cfg.seed)
+    index = (
+        benchmark_index(tuple(cfg.decontam_benchmarks), cfg.decontam_ngram)
+        if cfg.decontam_benchmarks
+        else None
+    )
+    res = ShardResult([], [], {}, [], [], dict.fromkeys(STEPS, 0.0))
+    t = res.seconds
+    for item in items:
+        src = cfg.sources[item.source]
+        st = res.stats.setdefault(item.source, SourceStats())
+        t0 = time.perf_counter()
+        raws = list(read_item(item, src, cfg))
+        t["read"] += time.perf_counter() - t0
+        for raw in raws:
+            st.docs_in += 1
+            if isinstance(raw, Bad):
+                st.quarantined += 1
+                res.quarantine.append({"uri": raw.uri, "source": src.label, "reason": raw.reason})
+                continue
+            st.bytes_in += raw.n_bytes
+            t0 = time.perf_counter()
+            if isinstance(raw.data, bytes):
+                try:
+                    text, enc = decode(raw.data, cfg.fallback_encodings)
+                except DecodeError as exc:
+                    st.quarantined += 1
+                    res.quarantine.append(
+                        {"uri": raw.uri, "source": src.label, "reason": exc.reason}
+                    )
+                    continue
+                st.encodings[enc] += 1
+            else:
+                text = raw.data
+            text = normalize_text(text, cfg.unicode_form)
+            t1 = time.perf_counter()
+            reason = filters.first_failure(text, cfg)
+            t2 = time.perf_counter()
+            t["normalize"] += t1 - t0
+            t["filter"] += t2 - t1
+            if reason:
+                st.filtered[reason] += 1
+                continue
+            text, found = scrub(text, cfg)
+            st.pii.update(found)
+            t3 = time.perf_counter()
+            tok = token_hashes(text)
+            hits = index.hits(ngram_hashes(tok, cfg.decontam_ngram)) if index is not None else []
+            t4 = time.perf_counter()
+            t["scrub"] += t3 - t2
+            t["decontam"] += t4 - t3
+            if hits:
+                st.contaminated += 1
+                res.contamination.append({"uri": raw.uri, "source": src.label, "matches": hits})
+                continue
+            data = text.encode("utf-8", "surrogatepass")
+            res.rows.append(
+                {
+                    "id": doc_id(src.label, raw.uri),
+                    "text": text,
+                    "source": src.label,
+                    "uri": raw.uri,
+                    "sha256": hashlib.sha256(data).hexdigest(),
+                    "n_bytes": len(data),
+                }
+            )
+            res.signatures.append(doc_signature(tok, cfg.dedup_ngram, perms))
+            t["hash_minhash"] += time.perf_counter() - t4
+    return res
+
+
+@dataclass
+class IngestSummary:
+    card: dict
+    metrics: dict
+    seconds: dict[str, float]
+    out_dir: str
+
+
+def _write_parts(rows: list[dict], out: Path, part_max_bytes: int) -> list[str]:
+    parts: list[list[dict]] = [[]]
+    size = 0
+    for row in rows:
+        if parts[-1] and size + row["n_bytes"] > part_max_bytes:
+            parts.append([])
+            size = 0
+        parts[-1].append(row)
+        size += row["n_bytes"]
+    names = []
+    for i, part in enumerate(parts):
+        name = f"part-{i:05d}.parquet"
+        table = pa.Table.from_pylist(part, schema=SCHEMA)
+        pq.write_table(table, out / name, compression="zstd")
+        names.append(name)
+    return names
+
+
+def finalize(
+    results: list[ShardResult], cfg: DataConfig, out_dir: str | None = None
+) -> IngestSummary:
+    """Global dedup in shard order, then write parts, card, quarantine and metrics atomically."""
+    t0 = time.perf_counter()
+    rows = [r for res in results for r in res.rows]
+    sigs = [s for res in results for s in res.signatures]
+    stats = {i: SourceStats() for i in range(len(cfg.sources))}
+    for res in results:
+        for i, st in res.stats.items():
+            stats[i].merge(st)
+    quarantine = [q for res in results for q in res.quarantine]
+    contamination = [c for res in results for c in res.contamination]
+
+    dd = deduplicate(
+        [r["sha256"] for r in rows], sigs, cfg.minhash_threshold, cfg.minhash_perm, cfg.seed
+    )
+    by_label = {src.label: i for i, src in enumerate(cfg.sources)}
+    dup = {i: Counter() for i in stats}
+    for i in dd.exact_of:
+        dup[by_label[rows[i]["source"]]]["exact"] += 1
+    for i in dd.near_of:
+        dup[by_label[rows[i]["source"]]]["near"] += 1
+    kept = [r for r, k in zip(rows, dd.keep, strict=True) if k]
+    t_dedup = time.perf_counter() - t0
+
+    if not kept:
+        dropped = sum((st.filtered for st in stats.values()), Counter())
+        raise IngestError(
+            "no usable document left after cleaning: "
+            f"{sum(st.docs_in for st in stats.values())} read, {len(quarantine)} quarantined, "
+            f"filtered {dict(dropped)}, {len(contamination)} contaminated, {dd.n_exact + dd.n_near} duplicates. "
+            "Check data.sources, or relax the filters (e.g. data.min_chars) in params.yaml."
+        )
+
+    card = build_card(cfg, stats, dup, kept, dd.n_exact, dd.n_near, contamination, len(quarantine))
+    out = Path(out_dir or cfg.out_dir)
+    with atomic_dir(out) as tmp:
+        card["parts"] = _write_parts(kept, tmp, cfg.part_max_bytes)
+        (tmp / "card.json").write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
+        with open(tmp / "quarantine.jsonl", "w") as f:
+            for q in quarantine:
+                f.write(json.dumps(q, sort_keys=True) + "\n")
+    totals = card["totals"]
+    metrics = {k: totals[k] for k in sorted(totals)}
+    atomic_write_text(cfg.metrics_file, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+
+    seconds = dict.fromkeys(STEPS, 0.0)
+    for res in results:
+        for k, v in res.seconds.items():
+            seconds[k] += v
+    seconds["dedup"] = t_dedup
+    seconds["write"] = time.perf_counter() - t0 - t_dedup
+    return IngestSummary(card=card, metrics=metrics, seconds=seconds, out_dir=str(out))
+
+
+def build_card(cfg, stats, dup, kept, n_exact, n_near, contamination, n_quarantined) -> dict:
+    out_by_source: dict[str, list[int]] = {}
+    for r in kept:
+        c = out_by_source.setdefault(r["source"], [0, 0])
+        c[0] += 1
+        c[1] += r["n_bytes"]
+    sources = []
+    for i, src in enumerate(cfg.sources):
+        st = stats[i]
+        docs_out, bytes_out = out_by_source.get(src.label, [0, 0])
+        sources.append(
+            {
+                "name": src.label,
+                "uri": src.uri,
+                "license": src.license,
+                "docs_in": st.docs_in,
+                "bytes_in": st.bytes_in,
+                "quarantined": st.quarantined,
+                "filtered": dict(sorted(st.filtered.items())),
+                "exact_duplicates": dup[i]["exact"],
+                "near_duplicates": dup[i]["near"],
+                "pii_replaced": dict(sorted(st.pii.items())),
+                "contaminated": st.contaminated,
+                "encodings": dict(sorted(st.encodings.items())),
+                "docs_out": docs_out,
+                "bytes_out": bytes_out,
+            }
+        )
+    filtered = sum((st.filtered for st in stats.values()), Counter())
+    pii = sum((st.pii for st in stats.values()), Counter())
+    totals = {
+        "docs_in": sum(s["docs_in"] for s in sources),
+        "bytes_in": sum(s["bytes_in"] for s in sources),
+        "docs_out": len(kept),
+        "bytes_out": sum(r["n_bytes"] for r in kept),
+        "quarantined": n_quarantined,
+        "filtered": sum(filtered.values()),
+        "exact_duplicates": n_exact,
+        "near_duplicates": n_near,
+        "pii_replaced": sum(pii.values()),
+        "contaminated": len(contamination),
+    }
+    return {
+        "stage": "ingest",
+        "sources": sources,
+        "totals": totals,
+        "filters": {name: filtered.get(name, 0) for name in filters.FILTER_NAMES},
+        "pii_replaced": dict(sorted(pii.items())),
+        "decontamination": {
+            "benchmarks": list(cfg.decontam_benchmarks),
+            "ngram": cfg.decontam_ngram,
+            "hits": contamination,
+        },
+        "dedup": {
+            "exact": "sha256 of the cleaned text",
+            "near": f"MinHash LSH, word {cfg.dedup_ngram}-grams, {cfg.minhash_perm} permutations, "
+            f"Jaccard >= {cfg.minhash_threshold}",
+        },
+        "licenses": {s["name"]: s["license"] for s in sources},
+        "steps": "decode -> normalize -> filter -> scrub -> decontaminate -> exact dedup -> near dedup",
+    }
+
+
+def card_markdown(card: dict, mlflow_url: str | None = None) -> str:
+    t = card["totals"]
+    lines = [
+        "# Ingest data card",
+        "",
+        f"**{t['docs_out']:,} documents, {t['bytes_out'] / 1e6:.1f} MB out** of {t['docs_in']:,} "
+        f"read ({t['bytes_in'] / 1e6:.1f} MB).",
+        "",
+        "| source | license | docs in | quarantined | filtered | exact dup | near dup | contaminated | docs out | MB out |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for s in card["sources"]:
+        lines.append(
+            f"| {s['name']} | {s['license']} | {s['docs_in']:,} | {s['quarantined']:,} | "
+            f"{sum(s['filtered'].values()):,} | {s['exact_duplicates']:,} | {s['near_duplicates']:,} | "
+            f"{s['contaminated']:,} | {s['docs_out']:,} | {s['bytes_out'] / 1e6:.2f} |"
+        )
+    lines += ["", "| filter | dropped |", "|---|---:|"]
+    lines += [f"| {k} | {v:,} |" for k, v in card["filters"].items()]
+    lines += ["", "| PII / secret | replaced |", "|---|---:|"]
+    lines += [f"| {k} | {v:,} |" for k, v in card["pii_replaced"].items()] or ["| (none) | 0 |"]
+    hits = card["decontamination"]["hits"]
+    lines += [
+        "",
+        f"Decontamination ({', '.join(card['decontamination']['benchmarks'])}, "
+        f"{card['decontamination']['ngram']}-grams): {len(hits)} document(s) dropped.",
+    ]
+    lines += [f"- `{h['uri']}` matched {', '.join(h['matches'][:5])}" for h in hits[:20]]
+    if mlflow_url:
+        lines += ["", f"MLflow run: {mlflow_url}"]
+    return "\n".join(lines) + "\n"
+
+
+__all__ = [
+    "IngestError",
+    "SourceError",
+    "plan_shards",
+    "process_shard",
+    "finalize",
+    "card_markdown",
+]
+
+
+# Prefect tasks: thin wrappers, so the flow shows each step and retries a failed shard.
+from prefect import task  # noqa: E402
+
+plan_task = task(plan_shards, name="plan-shards")
+shard_task = task(process_shard, name="process-shard", retries=1)
+finalize_task = task(finalize, name="dedup-and-write")

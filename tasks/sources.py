@@ -1,0 +1,322 @@
+"""Input sources: discover what to read (in a fixed order) and read one item into raw documents.
+
+A source ``uri`` is one of:
+- ``stdlib``: the running interpreter's standard-library ``.py`` files (PSF-2.0), the embedded default;
+- a local file, folder (walked recursively) or glob;
+- ``s3://bucket/prefix``: every object under the prefix, listed with pagination, read through boto3;
+- ``hf://<name>``: a Hugging Face dataset (config and split from the source entry), streamed.
+
+Formats by name: ``.jsonl``/``.ndjson``/``.json`` (records with a text field), ``.parquet`` (a text
+column), and text or code files; any of them may be gzip-compressed (``.gz``). Reading never raises
+for a bad input: it yields a :class:`Bad` with the reason, which ends up in the quarantine.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import io
+import json
+import os
+import sysconfig
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from tasks.config import DataConfig, SourceConfig
+from tasks.storage import ObjectInfo, is_s3, list_s3, read_bytes
+
+TEXT_SUFFIXES = frozenset(
+    [
+        ".txt",
+        ".md",
+        ".rst",
+        ".tex",
+        ".py",
+        ".pyi",
+        ".pyx",
+        ".c",
+        ".h",
+        ".cc",
+        ".cpp",
+        ".hpp",
+        ".cu",
+        ".java",
+        ".kt",
+        ".scala",
+        ".go",
+        ".rs",
+        ".rb",
+        ".php",
+        ".js",
+        ".jsx",
+        ".ts",
+        ".tsx",
+        ".sh",
+        ".bash",
+        ".zsh",
+        ".ps1",
+        ".sql",
+        ".r",
+        ".jl",
+        ".lua",
+        ".pl",
+        ".swift",
+        ".m",
+        ".hs",
+        ".ml",
+        ".ex",
+        ".exs",
+        ".erl",
+        ".clj",
+        ".cs",
+        ".fs",
+        ".vb",
+        ".dart",
+        ".toml",
+        ".yaml",
+        ".yml",
+        ".ini",
+        ".cfg",
+        ".html",
+        ".htm",
+        ".css",
+        ".scss",
+        ".xml",
+        ".csv",
+        ".tsv",
+    ]
+)
+RECORD_SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet"}
+
+
+class SourceError(RuntimeError):
+    """A whole source cannot be reached (missing path or bucket, hub dataset unavailable)."""
+
+
+@dataclass(frozen=True)
+class Item:
+    """One unit of input: a file or object to read, or a batch of records already read (Hub)."""
+
+    source: int  # index into DataConfig.sources
+    uri: str  # where it came from, as written in the output rows
+    location: str = ""  # local path or s3:// URI to read; "" for records
+    size: int = 0
+    records: tuple[tuple[str, str], ...] = ()  # (uri, text) pairs for Hub datasets
+
+
+@dataclass(frozen=True)
+class Raw:
+    uri: str
+    data: bytes | str  # bytes still to decode, or text already decoded (JSON, Parquet, Hub)
+    n_bytes: int
+
+
+@dataclass(frozen=True)
+class Bad:
+    uri: str
+    reason: str
+
+
+def _format(name: str) -> str | None:
+    name = name.lower()
+    if name.endswith(".gz"):
+        name = name[:-3]
+    suffix = os.path.splitext(name)[1]
+    if suffix in RECORD_SUFFIXES:
+        return RECORD_SUFFIXES[suffix]
+    return "text" if suffix in TEXT_SUFFIXES else None
+
+
+def stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"]).resolve()
+
+
+def _stdlib_items(idx: int) -> list[Item]:
+    root = stdlib_root()
+    items = []
+    for path in sorted(root.rglob("*.py"), key=lambda p: p.relative_to(root).as_posix()):
+        rel = path.relative_to(root).as_posix()
+        if rel.split("/", 1)[0] in ("site-packages", "dist-packages") or not path.is_file():
+            continue
+        items.append(Item(idx, f"stdlib://{rel}", str(path), path.stat().st_size))
+    return items
+
+
+def _local_items(idx: int, spec: str) -> list[Item]:
+    if any(ch in spec for ch in "*?["):
+        paths = [Path(p) for p in glob.glob(spec, recursive=True)]
+        if not paths:
+            raise SourceError(f"source {spec!r}: the glob matches no file")
+    else:
+        p = Path(spec)
+        if not p.exists():
+            raise SourceError(f"source {spec!r}: no such file or folder (check data.sources)")
+        paths = [p]
+    files: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            files.extend(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
+        elif p.is_file():
+            files.append(p)
+    return [Item(idx, str(f), str(f), f.stat().st_size) for f in sorted(set(files), key=str)]
+
+
+def _s3_items(idx: int, uri: str) -> list[Item]:
+    objects: list[ObjectInfo] = list(list_s3(uri))
+    if not objects:
+        raise SourceError(f"source {uri!r}: no objects under this prefix")
+    return [Item(idx, o.uri, o.uri, o.size) for o in objects]
+
+
+def _hf_items(idx: int, src: SourceConfig, batch: int) -> list[Item]:
+    """Stream a Hub (or local) dataset; fail at once when it cannot be loaded offline."""
+    import datasets
+
+    name = src.uri[len("hf://") :]
+    datasets.disable_progress_bars()
+    try:
+        ds = datasets.load_dataset(name, src.hf_config, split=src.split, streaming=True)
+    except Exception as exc:  # the hub raises many types; the message is what matters
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "false", "")
+        hint = (
+            " The Hub is offline (HF_HUB_OFFLINE=1) and the dataset is not in the local cache: "
+            "run with HF_HUB_OFFLINE=0 where the network is reachable, or point the uri at a local copy."
+            if offline
+            else " Check the dataset name, config and split, and the network."
+        )
+        raise SourceError(
+            f"source {src.uri!r}: cannot load the dataset ({type(exc).__name__}: {exc}).{hint}"
+        ) from exc
+    items, records = [], []
+    base = f"{src.uri}/{src.hf_config or 'default'}/{src.split}"
+    for i, row in enumerate(ds):
+        if src.max_docs is not None and i >= src.max_docs:
+            break
+        text = row.get(src.text_field)
+        records.append((f"{base}#{i}", text if isinstance(text, str) else None))
+        if len(records) == batch:
+            items.append(Item(idx, base, records=tuple(records)))
+            records = []
+    if records:
+        items.append(Item(idx, base, records=tuple(records)))
+    return items
+
+
+def discover(cfg: DataConfig) -> list[Item]:
+    """Every item of every source, in a fixed order (source order, then path order)."""
+    items: list[Item] = []
+    for idx, src in enumerate(cfg.sources):
+        if src.uri == "stdlib":
+            found = _stdlib_items(idx)
+        elif is_s3(src.uri):
+            found = _s3_items(idx, src.uri)
+        elif src.uri.startswith("hf://"):
+            found = _hf_items(idx, src, cfg.shard_docs)
+        else:
+            found = _local_items(idx, src.uri)
+        if src.max_docs is not None and not src.uri.startswith("hf://"):
+            found = found[: src.max_docs]
+        items.extend(found)
+    return items
+
+
+def _records_from_json(item: Item, blob: bytes, fmt: str, field: str) -> Iterator[Raw | Bad]:
+    def one(uri: str, rec: object) -> Raw | Bad:
+        if not isinstance(rec, dict):
+            return Bad(uri, f"wrong schema: record is a {type(rec).__name__}, not an object")
+        text = rec.get(field)
+        if not isinstance(text, str):
+            return Bad(
+                uri, f"wrong schema: no string field {field!r} (set the source's text_field)"
+            )
+        return Raw(uri, text, len(text.encode("utf-8", "surrogatepass")))
+
+    if fmt == "jsonl":
+        for n, line in enumerate(blob.split(b"\n"), start=1):
+            if not line.strip():
+                continue
+            uri = f"{item.uri}#L{n}"
+            try:
+                rec = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                yield Bad(uri, f"invalid JSON line (truncated or corrupt): {exc}")
+                continue
+            yield one(uri, rec)
+        return
+    try:
+        doc = json.loads(blob)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        yield Bad(item.uri, f"invalid JSON (truncated or corrupt): {exc}")
+        return
+    recs = doc if isinstance(doc, list) else [doc]
+    for i, rec in enumerate(recs):
+        yield one(f"{item.uri}#{i}" if isinstance(doc, list) else item.uri, rec)
+
+
+def _records_from_parquet(item: Item, blob: bytes, field: str) -> Iterator[Raw | Bad]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(io.BytesIO(blob))
+    except Exception as exc:
+        yield Bad(item.uri, f"unreadable parquet: {exc}")
+        return
+    if field not in table.column_names:
+        yield Bad(
+            item.uri,
+            f"wrong schema: no column {field!r} (columns: {', '.join(table.column_names)})",
+        )
+        return
+    for i, text in enumerate(table.column(field).to_pylist()):
+        uri = f"{item.uri}#{i}"
+        if isinstance(text, str):
+            yield Raw(uri, text, len(text.encode("utf-8", "surrogatepass")))
+        else:
+            yield Bad(uri, f"wrong schema: {field!r} is {type(text).__name__}, not a string")
+
+
+def read_item(item: Item, src: SourceConfig, cfg: DataConfig) -> Iterator[Raw | Bad]:
+    """The raw documents of one item; every problem becomes a :class:`Bad`, nothing raises."""
+    if item.records:
+        for uri, text in item.records:
+            if text is None:
+                yield Bad(uri, f"wrong schema: no string field {src.text_field!r}")
+            else:
+                yield Raw(uri, text, len(text.encode("utf-8", "surrogatepass")))
+        return
+    fmt = _format(item.location)
+    if fmt is None and not Path(item.location).suffix and src.uri == item.uri:
+        fmt = "text"  # a single file named explicitly, without extension
+    if fmt is None:
+        yield Bad(item.uri, "unsupported file type (not text, code, JSON, JSONL or Parquet)")
+        return
+    if item.size > cfg.max_file_bytes:
+        yield Bad(
+            item.uri, f"oversized: {item.size} bytes > data.max_file_bytes={cfg.max_file_bytes}"
+        )
+        return
+    try:
+        blob = read_bytes(item.location)
+    except Exception as exc:
+        yield Bad(item.uri, f"unreadable: {type(exc).__name__}: {exc}")
+        return
+    if item.location.lower().endswith(".gz"):
+        try:
+            blob = gzip.decompress(blob)
+        except (OSError, EOFError, zlib.error) as exc:
+            yield Bad(item.uri, f"corrupt or truncated gzip: {exc}")
+            return
+        if len(blob) > cfg.max_file_bytes:
+            yield Bad(item.uri, f"oversized: {len(blob)} bytes uncompressed > data.max_file_bytes")
+            return
+    if not blob:
+        yield Bad(item.uri, "empty")
+        return
+    if fmt == "text":
+        yield Raw(item.uri, blob, len(blob))
+    elif fmt == "parquet":
+        yield from _records_from_parquet(item, blob, src.text_field)
+    else:
+        yield from _records_from_json(item, blob, fmt, src.text_field)

@@ -1,0 +1,116 @@
+"""MLflow tracking: one experiment, a parent run per pipeline execution, a child run per stage.
+
+Without a server the tracking URI is a SQLite file in the repo (``mlflow.db``, artifacts in
+``mlartifacts/``); ``MLFLOW_TRACKING_URI`` (or ``infra.mlflow_tracking_uri``) points it at a server.
+Params are flattened and redacted before logging: nothing that looks like a secret is ever sent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import subprocess
+from collections.abc import Iterator
+from typing import Any
+
+from tasks.config import InfraConfig, Params, to_flat_dict
+from tasks.env import REPO_ROOT
+
+PARENT_ENV = "LLMFORGE_PARENT_RUN_ID"
+_SECRET_KEY = re.compile(
+    r"(secret|password|passwd|token|api_?key|access_?key|credential|private)", re.I
+)
+
+
+def tracking_uri(infra: InfraConfig) -> str:
+    return (
+        os.environ.get("MLFLOW_TRACKING_URI")
+        or infra.mlflow_tracking_uri
+        or f"sqlite:///{REPO_ROOT / 'mlflow.db'}"
+    )
+
+
+def redact(flat: dict[str, Any]) -> dict[str, Any]:
+    return {
+        k: ("***" if _SECRET_KEY.search(k) and v not in (None, "") else v) for k, v in flat.items()
+    }
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+def _setup(infra: InfraConfig):
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(infra))
+    exp = mlflow.get_experiment_by_name(infra.mlflow_experiment)
+    if exp is None:
+        location = None
+        if tracking_uri(infra).startswith("sqlite:"):
+            location = (REPO_ROOT / "mlartifacts").as_uri()
+        exp_id = mlflow.create_experiment(infra.mlflow_experiment, artifact_location=location)
+    else:
+        exp_id = exp.experiment_id
+    mlflow.set_experiment(experiment_id=exp_id)
+    return mlflow
+
+
+@contextlib.contextmanager
+def pipeline_run(params: Params) -> Iterator[Any]:
+    """The parent run; stage runs started inside it (in this process or a child) nest under it."""
+    mlflow = _setup(params.infra)
+    with mlflow.start_run(
+        run_name="pipeline", tags={"llmforge.kind": "pipeline", "git_commit": git_commit()}
+    ) as run:
+        mlflow.log_params(redact(to_flat_dict(params.infra, "infra.")))
+        old = os.environ.get(PARENT_ENV)
+        os.environ[PARENT_ENV] = run.info.run_id
+        try:
+            yield run
+        finally:
+            if old is None:
+                os.environ.pop(PARENT_ENV, None)
+            else:
+                os.environ[PARENT_ENV] = old
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, params: Params, section: str) -> Iterator[Any]:
+    """A run for one stage, logged with its own params section (and infra)."""
+    mlflow = _setup(params.infra)
+    parent = os.environ.get(PARENT_ENV)
+    tags = {"llmforge.kind": "stage", "llmforge.stage": stage, "git_commit": git_commit()}
+    with mlflow.start_run(
+        run_name=stage, parent_run_id=parent, nested=bool(parent), tags=tags
+    ) as run:
+        flat = to_flat_dict(getattr(params, section), f"{section}.")
+        flat.update(to_flat_dict(params.infra, "infra."))
+        # MLflow caps a param value at 6000 characters.
+        mlflow.log_params({k: str(v)[:6000] for k, v in redact(flat).items()})
+        yield run
+
+
+def run_url(run: Any, infra: InfraConfig) -> str:
+    uri = tracking_uri(infra)
+    base = uri.rstrip("/") if uri.startswith("http") else "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+
+
+def log_stage_outputs(
+    metrics: dict[str, float], seconds: dict[str, float], json_artifacts: dict[str, Any]
+) -> None:
+    """Metrics, step timings (``time.<step>_s``) and JSON artifacts of the active stage run."""
+    import mlflow
+
+    mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
+    mlflow.log_metrics({f"time.{k}_s": float(v) for k, v in seconds.items()})
+    for name, obj in json_artifacts.items():
+        mlflow.log_dict(obj, name)
