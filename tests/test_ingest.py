@@ -1,0 +1,149 @@
+"""The ingest stage's logic as plain functions, on a corpus with known exact answers."""
+
+import json
+import os
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+from tasks.config import DataConfig, SourceConfig
+from tasks.ingest import SCHEMA, IngestError, finalize, plan_shards, process_shard
+from tasks.sources import SourceError
+from tests.conftest import make_corpus
+
+
+def run(cfg, out):
+    results = [process_shard(s, cfg) for s in plan_shards(cfg)]
+    return finalize(results, cfg, out_dir=str(out))
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    root = tmp_path / "corpus"
+    return root, make_corpus(root)
+
+
+def cfg_for(root, tmp_path, **kw):
+    return DataConfig(
+        sources=[SourceConfig(uri=str(root), name="fixture", license="CC0-1.0")],
+        metrics_file=str(tmp_path / "metrics.json"),
+        **{"min_chars": 50, **kw},
+    )
+
+
+def test_known_corpus_exact_counts(corpus, tmp_path):
+    root, expect = corpus
+    out = tmp_path / "clean"
+    summary = run(cfg_for(root, tmp_path), out)
+    card = json.loads((out / "card.json").read_text())
+    t = card["totals"]
+    assert t["docs_out"] == expect["docs_out"]
+    assert t["quarantined"] == expect["quarantined"]
+    assert t["exact_duplicates"] == expect["exact"] and t["near_duplicates"] == expect["near"]
+    assert card["filters"]["too_short"] == expect["too_short"]
+    assert t["contaminated"] == expect["contaminated"]
+    assert card["decontamination"]["hits"][0]["uri"].endswith("leak.py")
+    assert card["pii_replaced"] == {"email": 1}
+    assert card["licenses"] == {"fixture": "CC0-1.0"}
+    assert summary.metrics == t
+
+    reasons = [json.loads(line)["reason"] for line in (out / "quarantine.jsonl").read_text().splitlines()]
+    joined = "\n".join(reasons)
+    for expected in ("empty", "binary", "undecodable", "unsupported file type", "wrong schema", "invalid JSON line", "no column 'text'"):
+        assert expected in joined, expected
+
+    table = pq.read_table(out / "part-00000.parquet")
+    assert table.schema.equals(SCHEMA)
+    rows = table.to_pylist()
+    assert len(rows) == expect["docs_out"] and len({r["id"] for r in rows}) == len(rows)
+    assert any(r["uri"].endswith("records.jsonl#L1") for r in rows)
+    assert any("<EMAIL>" in r["text"] for r in rows)
+    import hashlib
+
+    for r in rows:
+        assert r["sha256"] == hashlib.sha256(r["text"].encode()).hexdigest()
+        assert r["n_bytes"] == len(r["text"].encode())
+
+
+def test_output_independent_of_sharding(corpus, tmp_path):
+    root, _ = corpus
+    a, b = tmp_path / "a", tmp_path / "b"
+    run(cfg_for(root, tmp_path, shard_docs=1), a)
+    run(cfg_for(root, tmp_path, shard_docs=100, part_max_bytes=10**9), b)
+    ta = [r for p in sorted(a.glob("part-*.parquet")) for r in pq.read_table(p).to_pylist()]
+    tb = [r for p in sorted(b.glob("part-*.parquet")) for r in pq.read_table(p).to_pylist()]
+    assert ta == tb
+    assert json.loads((a / "card.json").read_text())["totals"] == json.loads((b / "card.json").read_text())["totals"]
+
+
+def test_rerun_gives_identical_bytes(corpus, tmp_path):
+    root, _ = corpus
+    run(cfg_for(root, tmp_path), tmp_path / "x")
+    run(cfg_for(root, tmp_path), tmp_path / "y")
+    for name in ("part-00000.parquet", "card.json", "quarantine.jsonl"):
+        assert (tmp_path / "x" / name).read_bytes() == (tmp_path / "y" / name).read_bytes()
+
+
+def test_nothing_usable_fails_and_keeps_previous_output(corpus, tmp_path):
+    root, _ = corpus
+    out = tmp_path / "clean"
+    run(cfg_for(root, tmp_path), out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(IngestError, match="no usable document.*min_chars"):
+        run(cfg_for(root, tmp_path, min_chars=100_000, max_chars=200_000), out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".clean.")]  # no temp dirs left
+
+
+def test_missing_path_and_empty_glob_are_source_errors(tmp_path):
+    with pytest.raises(SourceError, match="no such file or folder"):
+        plan_shards(cfg_for(tmp_path / "nope", tmp_path))
+    with pytest.raises(SourceError, match="glob matches no file"):
+        plan_shards(cfg_for(str(tmp_path / "*.none"), tmp_path))
+
+
+def test_oversized_input_is_quarantined(tmp_path):
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "big.txt").write_text("word\n" * 5000)
+    (tmp_path / "c" / "ok.txt").write_text("".join(f"a real sentence number {i} with words in it.\n" for i in range(10)))
+    summary = run(cfg_for(tmp_path / "c", tmp_path, max_file_bytes=10_000), tmp_path / "out")
+    q = (tmp_path / "out" / "quarantine.jsonl").read_text()
+    assert "oversized" in q and summary.metrics["docs_out"] == 1
+
+
+def test_hf_local_dataset_streams(tmp_path):
+    d = tmp_path / "hfds"
+    d.mkdir()
+    with open(d / "train.jsonl", "w") as f:
+        for i in range(3):
+            f.write(json.dumps({"content": "".join(f"document {i} line {j} with enough words to pass.\n" for j in range(8))}) + "\n")
+    cfg = DataConfig(
+        sources=[SourceConfig(uri=f"hf://{d}", text_field="content", license="MIT")],
+        metrics_file=str(tmp_path / "m.json"),
+        min_chars=50,
+        decontam_benchmarks=[],
+    )
+    summary = run(cfg, tmp_path / "out")
+    assert summary.metrics["docs_out"] == 3
+
+
+def test_hf_unavailable_offline_fails_fast(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = DataConfig(sources=[SourceConfig(uri="hf://no-such-org/no-such-dataset-xyz")])
+    t0 = time.monotonic()
+    with pytest.raises(SourceError, match="HF_HUB_OFFLINE"):
+        plan_shards(cfg)
+    assert time.monotonic() - t0 < 60
+
+
+def test_stdlib_source_is_deterministic_and_large():
+    from tasks.sources import discover
+
+    cfg = DataConfig()
+    a, b = discover(cfg), discover(cfg)
+    assert [i.uri for i in a] == [i.uri for i in b]
+    assert len(a) > 500 and sum(i.size for i in a) > 10_000_000
+    assert all(i.uri.startswith("stdlib://") for i in a)
+    assert not any("site-packages" in i.uri for i in a)
+    assert os.path.exists(a[0].location)
