@@ -92,12 +92,15 @@ class ObjectInfo:
     size: int
 
 
-def list_s3(uri: str, client=None) -> Iterator[ObjectInfo]:
+def list_s3(uri: str, client=None, page_size: int = 1000) -> Iterator[ObjectInfo]:
     """Every object under an ``s3://bucket/prefix``, in key order, through paginated listing."""
     bucket, prefix = split_s3(uri)
     client = client or s3_client()
+    pages = client.get_paginator("list_objects_v2").paginate(
+        Bucket=bucket, Prefix=prefix, PaginationConfig={"PageSize": page_size}
+    )
     try:
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for page in pages:
             for obj in page.get("Contents", []):
                 if not obj["Key"].endswith("/"):
                     yield ObjectInfo(f"s3://{bucket}/{obj['Key']}", int(obj["Size"]))

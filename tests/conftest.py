@@ -27,7 +27,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
+def wait_http(
+    url: str, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
@@ -50,7 +52,17 @@ def prefect_server(tmp_path_factory):
     env.pop("PREFECT_API_URL", None)
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            [
+                sys.executable,
+                "-m",
+                "prefect",
+                "server",
+                "start",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -110,13 +122,84 @@ def mlflow_sqlite(tmp_path, monkeypatch):
     return uri
 
 
-WORDS = (
-    "harbour town woke slowly under grey sky fishermen hauling nets while gulls circled above market "
-    "stalls merchants argued over price salt rope children ran between carts old bell rang hour chapel "
-    "hill river bridge stone wall garden orchard apple pear winter summer autumn spring morning evening "
-    "night lantern candle window door table chair bread cheese wine letter journey road mountain valley "
-    "forest meadow field farmer baker smith weaver sailor captain ship anchor storm wave shore island"
-).split()
+WORDS = [
+    "harbour",
+    "town",
+    "woke",
+    "slowly",
+    "under",
+    "grey",
+    "sky",
+    "fishermen",
+    "hauling",
+    "nets",
+    "while",
+    "gulls",
+    "circled",
+    "above",
+    "market",
+    "stalls",
+    "merchants",
+    "argued",
+    "over",
+    "price",
+    "salt",
+    "rope",
+    "children",
+    "ran",
+    "between",
+    "carts",
+    "old",
+    "bell",
+    "rang",
+    "hour",
+    "chapel",
+    "hill",
+    "river",
+    "bridge",
+    "stone",
+    "wall",
+    "garden",
+    "orchard",
+    "apple",
+    "pear",
+    "winter",
+    "summer",
+    "autumn",
+    "spring",
+    "morning",
+    "evening",
+    "night",
+    "lantern",
+    "candle",
+    "window",
+    "door",
+    "table",
+    "chair",
+    "bread",
+    "cheese",
+    "wine",
+    "letter",
+    "journey",
+    "road",
+    "mountain",
+    "valley",
+    "forest",
+    "meadow",
+    "field",
+    "farmer",
+    "baker",
+    "smith",
+    "weaver",
+    "sailor",
+    "captain",
+    "ship",
+    "anchor",
+    "storm",
+    "wave",
+    "shore",
+    "island",
+]
 
 
 def prose(n: int, lines: int = 6) -> str:
@@ -124,7 +207,12 @@ def prose(n: int, lines: int = 6) -> str:
     import random
 
     rng = random.Random(n)
-    return "\n".join(" ".join(rng.choice(WORDS) for _ in range(14)).capitalize() + "." for _ in range(lines)) + "\n"
+    return (
+        "\n".join(
+            " ".join(rng.choice(WORDS) for _ in range(14)).capitalize() + "." for _ in range(lines)
+        )
+        + "\n"
+    )
 
 
 def make_corpus(root: Path) -> dict[str, int]:
@@ -138,7 +226,7 @@ def make_corpus(root: Path) -> dict[str, int]:
     words[40] = "lighthouse"  # one word changed: a near duplicate
     (root / "b_near.md").write_text(" ".join(words))
     (root / "code.py").write_text(
-        "def add(a, b):\n    \"\"\"Return the sum of a and b, written out for the test corpus.\"\"\"\n"
+        'def add(a, b):\n    """Return the sum of a and b, written out for the test corpus."""\n'
         "    contact = 'maintainer@example.org'\n    return a + b\n\n\n"
         "def scale(values, factor):\n    return [v * factor for v in values]\n"
     )

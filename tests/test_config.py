@@ -22,7 +22,9 @@ def test_unknown_section_is_named():
 def test_wrong_type_names_key_and_type():
     with pytest.raises(ConfigError) as e:
         params_from_dict({"data": {"min_chars": "lots"}})
-    assert "data.min_chars" in str(e.value) and "integer" in str(e.value) and "'lots'" in str(e.value)
+    assert (
+        "data.min_chars" in str(e.value) and "integer" in str(e.value) and "'lots'" in str(e.value)
+    )
 
 
 def test_strict_types_reject_string_bool():

@@ -30,6 +30,8 @@ def test_unrelated_code_and_number_runs_are_clean():
 
 
 def test_build_index_reports_owners():
-    idx = build_index({"b/1": "one two three four five", "b/2": "zero one two three four five six"}, 4)
+    idx = build_index(
+        {"b/1": "one two three four five", "b/2": "zero one two three four five six"}, 4
+    )
     assert hits("x one two three four y", idx, 4) == ["b/1", "b/2"]
     assert hits("four five six seven", idx, 4) == []

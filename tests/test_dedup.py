@@ -3,7 +3,14 @@ import random
 import numpy as np
 from datasketch import MinHash
 
-from tasks.dedup import deduplicate, doc_signature, minhash_permutations, ngram_hashes, signature, token_hashes
+from tasks.dedup import (
+    deduplicate,
+    doc_signature,
+    minhash_permutations,
+    ngram_hashes,
+    signature,
+    token_hashes,
+)
 
 
 def test_token_hashes_are_positional_free_and_case_folded():
@@ -11,7 +18,7 @@ def test_token_hashes_are_positional_free_and_case_folded():
     b = token_hashes("x HELLO")
     assert len(a) == 6 and a[0] == a[5] == b[1]
     assert len(set(a.tolist())) == 5  # hello, world, hello_there, wörld, 42
-    assert token_hashes("") .size == 0 and token_hashes("... !!!").size == 0
+    assert token_hashes("").size == 0 and token_hashes("... !!!").size == 0
 
 
 def test_ngram_hashes():
@@ -31,9 +38,32 @@ def test_signature_equals_datasketch_update_batch():
 
 
 def _doc(rng, n=300):
-    return " ".join(rng.choice(["alpha", "beta", "gamma", "delta", "eps", "zeta", "eta", "theta", "iota",
-                                "kappa", "lam", "mu", "nu", "xi", "omicron", "pi", "rho", "sigma"]) + str(rng.randint(0, 50))
-                    for _ in range(n))
+    return " ".join(
+        rng.choice(
+            [
+                "alpha",
+                "beta",
+                "gamma",
+                "delta",
+                "eps",
+                "zeta",
+                "eta",
+                "theta",
+                "iota",
+                "kappa",
+                "lam",
+                "mu",
+                "nu",
+                "xi",
+                "omicron",
+                "pi",
+                "rho",
+                "sigma",
+            ]
+        )
+        + str(rng.randint(0, 50))
+        for _ in range(n)
+    )
 
 
 def test_known_exact_and_near_duplicates_exact_counts():

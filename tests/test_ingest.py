@@ -48,9 +48,19 @@ def test_known_corpus_exact_counts(corpus, tmp_path):
     assert card["licenses"] == {"fixture": "CC0-1.0"}
     assert summary.metrics == t
 
-    reasons = [json.loads(line)["reason"] for line in (out / "quarantine.jsonl").read_text().splitlines()]
+    reasons = [
+        json.loads(line)["reason"] for line in (out / "quarantine.jsonl").read_text().splitlines()
+    ]
     joined = "\n".join(reasons)
-    for expected in ("empty", "binary", "undecodable", "unsupported file type", "wrong schema", "invalid JSON line", "no column 'text'"):
+    for expected in (
+        "empty",
+        "binary",
+        "undecodable",
+        "unsupported file type",
+        "wrong schema",
+        "invalid JSON line",
+        "no column 'text'",
+    ):
         assert expected in joined, expected
 
     table = pq.read_table(out / "part-00000.parquet")
@@ -74,7 +84,10 @@ def test_output_independent_of_sharding(corpus, tmp_path):
     ta = [r for p in sorted(a.glob("part-*.parquet")) for r in pq.read_table(p).to_pylist()]
     tb = [r for p in sorted(b.glob("part-*.parquet")) for r in pq.read_table(p).to_pylist()]
     assert ta == tb
-    assert json.loads((a / "card.json").read_text())["totals"] == json.loads((b / "card.json").read_text())["totals"]
+    assert (
+        json.loads((a / "card.json").read_text())["totals"]
+        == json.loads((b / "card.json").read_text())["totals"]
+    )
 
 
 def test_rerun_gives_identical_bytes(corpus, tmp_path):
@@ -106,7 +119,9 @@ def test_missing_path_and_empty_glob_are_source_errors(tmp_path):
 def test_oversized_input_is_quarantined(tmp_path):
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "big.txt").write_text("word\n" * 5000)
-    (tmp_path / "c" / "ok.txt").write_text("".join(f"a real sentence number {i} with words in it.\n" for i in range(10)))
+    (tmp_path / "c" / "ok.txt").write_text(
+        "".join(f"a real sentence number {i} with words in it.\n" for i in range(10))
+    )
     summary = run(cfg_for(tmp_path / "c", tmp_path, max_file_bytes=10_000), tmp_path / "out")
     q = (tmp_path / "out" / "quarantine.jsonl").read_text()
     assert "oversized" in q and summary.metrics["docs_out"] == 1
@@ -117,7 +132,16 @@ def test_hf_local_dataset_streams(tmp_path):
     d.mkdir()
     with open(d / "train.jsonl", "w") as f:
         for i in range(3):
-            f.write(json.dumps({"content": "".join(f"document {i} line {j} with enough words to pass.\n" for j in range(8))}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "content": "".join(
+                            f"document {i} line {j} with enough words to pass.\n" for j in range(8)
+                        )
+                    }
+                )
+                + "\n"
+            )
     cfg = DataConfig(
         sources=[SourceConfig(uri=f"hf://{d}", text_field="content", license="MIT")],
         metrics_file=str(tmp_path / "m.json"),

@@ -11,9 +11,13 @@ def test_emails_replaced_but_decorators_kept():
 
 
 def test_public_ips_replaced_private_kept():
-    text, n = scrub("a = '8.8.4.4'; b = '127.0.0.1'; c = '10.1.2.3'; v = '1.2.3.4.5'; bad = '999.1.1.1'", CFG)
+    text, n = scrub(
+        "a = '8.8.4.4'; b = '127.0.0.1'; c = '10.1.2.3'; v = '1.2.3.4.5'; bad = '999.1.1.1'", CFG
+    )
     assert "<IP_ADDRESS>" in text and "8.8.4.4" not in text
-    assert "127.0.0.1" in text and "10.1.2.3" in text and "1.2.3.4.5" in text and "999.1.1.1" in text
+    assert (
+        "127.0.0.1" in text and "10.1.2.3" in text and "1.2.3.4.5" in text and "999.1.1.1" in text
+    )
     assert n["ip_address"] == 1
 
 
@@ -25,7 +29,14 @@ def test_secrets_in_code():
         f"gh = 'ghp_{'a' * 36}'\n{key}\n"
     )
     text, n = scrub(src, CFG)
-    for secret in ("AKIAIOSFODNN7EXAMPLE", "wJalrXUtnFEMI", "hunter2", "abcdef123456", "ghp_aaa", "MIIEow"):
+    for secret in (
+        "AKIAIOSFODNN7EXAMPLE",
+        "wJalrXUtnFEMI",
+        "hunter2",
+        "abcdef123456",
+        "ghp_aaa",
+        "MIIEow",
+    ):
         assert secret not in text
     assert n == {
         "aws_access_key": 1,

@@ -1,0 +1,177 @@
+"""The stage entry points for real: `python -m flows.<stage>` against a real Prefect server,
+MLflow runs in a SQLite store, and DVC in a temporary copy of the repo."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO, make_corpus
+
+pytestmark = pytest.mark.integration
+
+
+def api(url, path, body=None):
+    req = urllib.request.Request(
+        f"{url}{path}",
+        data=json.dumps(body or {}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def test_bad_params_fail_before_any_work(tmp_path):
+    t0 = time.monotonic()
+    out = subprocess.run(
+        [sys.executable, "-m", "flows.ingest", "data.min_chars=lots"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={
+            **os.environ,
+            "PREFECT_API_URL": "http://127.0.0.1:9/api",
+        },  # unreachable: must not be needed
+    )
+    assert out.returncode == 2
+    assert "data.min_chars" in out.stderr and "'lots'" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert time.monotonic() - t0 < 60
+
+
+def write_params(dst: Path, corpus: str) -> None:
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["data"]["sources"] = [{"uri": corpus, "name": "fixture", "license": "CC0-1.0"}]
+    params["data"]["min_chars"] = 50
+    (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def test_ingest_flow_on_prefect_server_with_artifact_and_mlflow(
+    prefect_server, mlflow_sqlite, tmp_path
+):
+    make_corpus(tmp_path / "corpus")
+    write_params(tmp_path, str(tmp_path / "corpus"))
+    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    params["data"]["out_dir"] = str(tmp_path / "clean")
+    params["data"]["metrics_file"] = str(tmp_path / "metrics.json")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    out = subprocess.run(
+        [sys.executable, "-m", "flows.ingest", "--params", str(tmp_path / "params.yaml")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "Starting temporary server" not in out.stderr + out.stdout  # it used the real server
+    assert json.loads((tmp_path / "metrics.json").read_text())["docs_out"] == 9
+
+    runs = api(prefect_server, "/flow_runs/filter", {"flow_runs": {"name": {"like_": ""}}})
+    ingest_runs = [r for r in runs if r["state_type"] == "COMPLETED"]
+    assert ingest_runs, runs
+    tasks = api(prefect_server, "/task_runs/filter")
+    names = {t["task_key"].rsplit("-", 1)[0] for t in tasks} | {
+        t["name"].rsplit("-", 1)[0] for t in tasks
+    }
+    assert {"process-shard", "dedup-and-write", "plan-shards"} <= names, names
+    arts = api(
+        prefect_server, "/artifacts/filter", {"artifacts": {"key": {"any_": ["ingest-data-card"]}}}
+    )
+    assert (
+        arts
+        and "Ingest data card" in arts[0]["data"]
+        and "| fixture | CC0-1.0 |" in arts[0]["data"]
+    )
+
+    import mlflow
+
+    mlflow.set_tracking_uri(mlflow_sqlite)
+    df = mlflow.search_runs(
+        experiment_names=["llmforge"], filter_string="tags.`llmforge.stage` = 'ingest'"
+    )
+    assert len(df) == 1
+    assert df["metrics.docs_out"].iloc[0] == 9 and df["params.data.min_chars"].iloc[0] == "50"
+    client = mlflow.tracking.MlflowClient()
+    assert "card.json" in [a.path for a in client.list_artifacts(df["run_id"].iloc[0])]
+
+
+def repo_copy(dst: Path) -> Path:
+    files = subprocess.run(
+        ["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split()
+    for f in files:
+        if f.startswith(("data/", "metrics/")) or f == "dvc.lock":
+            continue
+        (dst / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / f, dst / f)
+    make_corpus(dst / "corpus")
+    write_params(dst, "corpus")
+    env = {
+        **os.environ,
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "copy"]):
+        subprocess.run(cmd, cwd=dst, check=True, env=env)
+    return dst
+
+
+def dvc(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    return subprocess.run(
+        [sys.executable, "-m", "dvc", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+    )
+
+
+def lock_outs(cwd: Path) -> dict:
+    lock = yaml.safe_load((cwd / "dvc.lock").read_text())
+    return {k: [(o["path"], o["md5"]) for o in v["outs"]] for k, v in lock["stages"].items()}
+
+
+def test_dvc_repro_then_noop_and_pipeline_flow_gives_same_lock(
+    prefect_server, mlflow_sqlite, tmp_path
+):
+    a = repo_copy(tmp_path / "a")
+    first = dvc(a, "repro", "ingest")
+    assert first.returncode == 0, first.stderr[-3000:] + first.stdout[-3000:]
+    assert json.loads((a / "metrics/ingest.json").read_text())["docs_out"] == 9
+    second = dvc(a, "repro")
+    assert second.returncode == 0 and "Running stage" not in second.stdout, second.stdout
+    assert "up to date" in dvc(a, "status").stdout
+
+    b = repo_copy(tmp_path / "b")
+    out = subprocess.run(
+        [sys.executable, "-m", "flows.pipeline"], cwd=b, capture_output=True, text=True, timeout=900
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert lock_outs(a) == lock_outs(b)
+    assert "up to date" in dvc(b, "status").stdout
+    again = subprocess.run(
+        [sys.executable, "-m", "flows.pipeline"], cwd=b, capture_output=True, text=True, timeout=900
+    )
+    assert (
+        again.returncode == 0 and "up to date in dvc.lock, skipped" in again.stdout + again.stderr
+    )
+
+    import mlflow
+
+    mlflow.set_tracking_uri(mlflow_sqlite)
+    runs = mlflow.search_runs(experiment_names=["llmforge"])
+    parents = runs[runs["tags.llmforge.kind"] == "pipeline"]
+    children = runs[runs["tags.mlflow.parentRunId"].isin(parents["run_id"])]
+    assert len(parents) == 2 and set(children["tags.llmforge.stage"]) == {"ingest"}
