@@ -31,6 +31,8 @@ setup: $(VENV)/.installed
 # the local wheelhouse (pip's find-links) or from PyTorch's CPU index.
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
+	@# An old pip's resolver backtracks for many minutes over dvc-s3's aiobotocore pins.
+	$(PIP) install --upgrade "pip>=24.2"
 	@if $(PY) -c "import torch" 2>/dev/null; then :; \
 	elif [ -n "$(TORCH_INDEX_URL)" ]; then $(PIP) install torch --index-url "$(TORCH_INDEX_URL)"; \
 	elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then $(PIP) install "torch>=2.5"; \

@@ -3,6 +3,8 @@ errors a user can fix into one clear line and exit status 2 instead of a traceba
 
 from __future__ import annotations
 
+import atexit
+import os
 import sys
 
 from tasks.config import ConfigError, parse_cli
@@ -16,9 +18,23 @@ def user_errors() -> tuple[type[BaseException], ...]:
     return (ConfigError, IngestError, SourceError, StorageError)
 
 
+def shared_ephemeral_server() -> None:
+    """Without a configured server, start Prefect's temporary server once and point this process
+    and its children at it; otherwise every task worker process would start one of its own."""
+    if os.environ.get("PREFECT_API_URL"):
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    server.start(timeout=int(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")))
+    os.environ["PREFECT_API_URL"] = server.api_url
+    atexit.register(server.stop)
+
+
 def run_cli(flow_fn, description: str, argv: list[str] | None = None) -> int:
     try:
         _, args = parse_cli(argv, description)  # fail on bad params before any work starts
+        shared_ephemeral_server()
         flow_fn(params_file=args.params, overrides=args.overrides)
     except user_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)

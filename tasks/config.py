@@ -91,6 +91,51 @@ class DataConfig(Section):
         return self
 
 
+class TokenizeConfig(Section):
+    """The tokenize stage: data/clean -> a byte-level BPE tokenizer and packed token shards."""
+
+    in_dir: str = "data/clean"
+    tokenizer_dir: str = "data/tokenizer"
+    tokens_dir: str = "data/tokens"
+    metrics_file: str = "metrics/tokenize.json"
+    vocab_size: int = Field(default=8192, ge=300)
+    min_frequency: int = Field(default=2, ge=1)
+    # BOS/EOS/PAD are required; fill-in-the-middle tokens for code come after them.
+    bos_token: str = "<|bos|>"
+    eos_token: str = "<|eos|>"
+    pad_token: str = "<|pad|>"
+    extra_special_tokens: list[str] = Field(
+        default_factory=lambda: ["<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>"]
+    )
+    # Pre-tokenisation: GPT-4's split pattern (numbers in groups of up to 3, code-friendly).
+    split_pattern: str = (
+        r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
+        r"""|\s*[\r\n]|\s+(?!\S)|\s+"""
+    )
+    train_max_bytes: int | None = Field(default=None, ge=1)  # train on at most this much text
+    val_fraction: float = Field(default=0.05, gt=0, lt=1)  # documents held out, by a hash of their id
+    workers: int = Field(default=2, ge=1)
+    fast_encoder: bool = True  # tiktoken built from our merges, when it matches exactly
+    check_docs: int = Field(default=256, ge=1)  # documents compared fast vs reference every run
+    model_max_length: int = Field(default=2048, ge=16)
+
+    @property
+    def special_tokens(self) -> list[str]:
+        return [self.bos_token, self.eos_token, self.pad_token, *self.extra_special_tokens]
+
+    @model_validator(mode="after")
+    def _check(self) -> TokenizeConfig:
+        specials = self.special_tokens
+        if len(set(specials)) != len(specials):
+            raise ValueError(f"special tokens must be distinct: {specials}")
+        if self.vocab_size < 256 + len(specials) + 1:
+            raise ValueError(
+                f"vocab_size {self.vocab_size} is too small: 256 byte tokens + {len(specials)} special "
+                f"tokens need at least {256 + len(specials) + 1}"
+            )
+        return self
+
+
 class InfraConfig(Section):
     """Services. Environment variables, where set, win over these (``MLFLOW_TRACKING_URI``,
     ``AWS_ENDPOINT_URL``, ``PREFECT_API_URL``); secrets never live here."""
@@ -104,6 +149,7 @@ class InfraConfig(Section):
 
 class Params(Section):
     data: DataConfig = Field(default_factory=DataConfig)
+    tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig)
     infra: InfraConfig = Field(default_factory=InfraConfig)
 
 

@@ -1,0 +1,338 @@
+"""The tokenize stage: train a byte-level BPE on data/clean, then encode and pack token shards.
+
+The tokenizer is trained with Hugging Face ``tokenizers`` (GPT-4's split pattern, then byte-level
+BPE, special tokens first). For encoding, a tiktoken ``Encoding`` is built from the very same
+merges and pattern; it is used only after it reproduced the reference encoder's ids exactly on a
+sample of this run's documents, otherwise the stage falls back to ``tokenizers`` and says why.
+
+Each document becomes its ids followed by EOS; documents go to train or val by a stable hash of
+their id (never cut), into ``data/tokens/{train,val}/part-*.bin`` (uint16 when the vocabulary fits)
+plus ``index.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from tasks.config import TokenizeConfig
+from tasks.storage import atomic_dir, atomic_write_text
+
+# A wide Unicode sample every trained tokenizer must round-trip before any shard is written.
+ROUND_TRIP_PROBE = (
+    "def f(x):\n\treturn x  # CJK 漢字かなカナ한국어, emoji 🦙🚀👩‍💻, e\u0301 \u00e9 \u200b\r\n"
+    "a\u0000b\x07c \u202eRTL\u202c ΑΒΓ кириллица العربية श्रीमान् " + "very_long_identifier_" * 20 + "\n"
+)
+
+
+class TokenizeError(RuntimeError):
+    """The stage cannot produce usable token shards; the message says what to change."""
+
+
+def parquet_parts(in_dir: str | Path) -> list[Path]:
+    parts = sorted(Path(in_dir).glob("part-*.parquet"))
+    if not parts:
+        raise TokenizeError(f"no part-*.parquet in {in_dir}: run the ingest stage first (python -m flows.ingest)")
+    return parts
+
+
+def iter_texts(parts: Sequence[Path], max_bytes: int | None = None) -> Iterator[str]:
+    """Stream the corpus texts in order, batch by batch (never the whole corpus in memory)."""
+    seen = 0
+    for part in parts:
+        for batch in pq.ParquetFile(part).iter_batches(columns=["text"], batch_size=256):
+            for text in batch.column(0).to_pylist():
+                yield text
+                seen += len(text)
+                if max_bytes is not None and seen >= max_bytes:
+                    return
+
+
+def train_tokenizer(cfg: TokenizeConfig):
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    parts = parquet_parts(cfg.in_dir)
+    n_docs = sum(pq.ParquetFile(p).metadata.num_rows for p in parts)
+    if n_docs == 0:
+        raise TokenizeError(f"the corpus in {cfg.in_dir} is empty: nothing to train a tokenizer on")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(cfg.split_pattern), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=cfg.vocab_size,
+        min_frequency=cfg.min_frequency,
+        special_tokens=cfg.special_tokens,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(iter_texts(parts, cfg.train_max_bytes), trainer=trainer, length=n_docs)
+    tok.encode_special_tokens = True  # "<|eos|>" written in a document is text, not the EOS token
+    ids = tok.encode(ROUND_TRIP_PROBE, add_special_tokens=False).ids
+    if tok.decode(ids, skip_special_tokens=False) != ROUND_TRIP_PROBE:
+        raise TokenizeError("the trained tokenizer does not round-trip the Unicode probe; check tokenize.split_pattern")
+    return tok
+
+
+def save_tokenizer(tok, cfg: TokenizeConfig, out_dir: str | Path) -> None:
+    """``tokenizer.json`` + ``tokenizer_config.json`` + ``special_tokens_map.json``: what
+    ``AutoTokenizer.from_pretrained`` reads offline in transformers 4.x and 5.x."""
+    out = Path(out_dir)
+    tok.save(str(out / "tokenizer.json"))
+    specials = {"bos_token": cfg.bos_token, "eos_token": cfg.eos_token, "pad_token": cfg.pad_token}
+    vocab = tok.get_vocab()
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        **specials,
+        "unk_token": None,
+        "additional_special_tokens": list(cfg.extra_special_tokens),
+        "model_max_length": cfg.model_max_length,
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "split_special_tokens": True,
+        "added_tokens_decoder": {
+            str(vocab[t]): {"content": t, "lstrip": False, "rstrip": False, "normalized": False,
+                            "single_word": False, "special": True}
+            for t in cfg.special_tokens
+        },
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    smap = {**specials, "additional_special_tokens": list(cfg.extra_special_tokens)}
+    (out / "special_tokens_map.json").write_text(json.dumps(smap, indent=2, sort_keys=True) + "\n")
+
+
+def _bytes_decoder() -> dict[str, int]:
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    # ByteLevel maps each byte to a printable character; alphabet() lists them, and the GPT-2
+    # table assigns them in this order: printable bytes as themselves, the rest from U+0100 up.
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    table, n = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[chr(b)] = b
+        else:
+            table[chr(256 + n)] = b
+            n += 1
+    assert set(table) == set(ByteLevel.alphabet())
+    return table
+
+
+def tiktoken_encoding(tokenizer_json: str | Path, cfg: TokenizeConfig):
+    """A tiktoken ``Encoding`` with the trained merges as ranks (a token's id is its merge order)."""
+    import tiktoken
+
+    data = json.loads(Path(tokenizer_json).read_text())
+    vocab: dict[str, int] = data["model"]["vocab"]
+    dec = _bytes_decoder()
+    specials = {t["content"]: t["id"] for t in data["added_tokens"]}
+    ranks = {bytes(dec[c] for c in token): idx for token, idx in vocab.items() if token not in specials}
+    return tiktoken.Encoding(
+        name=f"llmforge-{hashlib.sha256(Path(tokenizer_json).read_bytes()).hexdigest()[:12]}",
+        pat_str=cfg.split_pattern,
+        mergeable_ranks=ranks,
+        special_tokens=specials,
+    )
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    kind: str  # "tiktoken" or "tokenizers"
+    tokenizer_json: str
+
+
+@lru_cache(maxsize=4)
+def _load(spec: EncoderSpec, cfg: TokenizeConfig):
+    if spec.kind == "tiktoken":
+        return tiktoken_encoding(spec.tokenizer_json, cfg)
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(spec.tokenizer_json)
+    tok.encode_special_tokens = True
+    return tok
+
+
+def encode_batch(spec: EncoderSpec, cfg: TokenizeConfig, texts: list[str], threads: int = 1) -> list[list[int]]:
+    enc = _load(spec, cfg)
+    if spec.kind == "tiktoken":
+        return enc.encode_ordinary_batch(texts, num_threads=threads)
+    return [e.ids for e in enc.encode_batch(texts, add_special_tokens=False)]
+
+
+def choose_encoder(tokenizer_json: str, cfg: TokenizeConfig) -> tuple[EncoderSpec, str]:
+    """The fast encoder if it gives exactly the reference ids on a sample of this corpus."""
+    reference = EncoderSpec("tokenizers", tokenizer_json)
+    if not cfg.fast_encoder:
+        return reference, "fast encoder disabled (tokenize.fast_encoder: false)"
+    fast = EncoderSpec("tiktoken", tokenizer_json)
+    sample = [ROUND_TRIP_PROBE, *iter_texts(parquet_parts(cfg.in_dir))]
+    step = max(1, len(sample) // cfg.check_docs)
+    sample = sample[::step][: cfg.check_docs + 1]
+    try:
+        got = encode_batch(fast, cfg, sample)
+    except Exception as exc:  # a pattern tiktoken's regex engine rejects, say
+        return reference, f"tiktoken could not be built or run ({type(exc).__name__}: {exc})"
+    want = encode_batch(reference, cfg, sample)
+    for i, (a, b) in enumerate(zip(got, want, strict=True)):
+        if a != b:
+            return reference, f"tiktoken differs from tokenizers on sample document {i}; using tokenizers"
+    return fast, f"tiktoken matches tokenizers exactly on {len(sample)} sample documents"
+
+
+def is_val(doc_id: str, fraction: float) -> bool:
+    """Stable split by document id: the same document is always on the same side."""
+    return int(hashlib.sha256(doc_id.encode()).hexdigest()[:8], 16) < fraction * 2**32
+
+
+def token_dtype(vocab_size: int):
+    return np.uint16 if vocab_size <= 65536 else np.uint32
+
+
+@dataclass
+class PartResult:
+    name: str
+    tokens: dict[str, int]
+    docs: dict[str, int]
+    bytes: dict[str, int]
+    not_round_trip: int
+    counts: np.ndarray  # token id histogram over train+val, for vocabulary usage
+
+
+def encode_part(part: str, out_dir: str, spec: EncoderSpec, cfg: TokenizeConfig, vocab_size: int, eos_id: int) -> PartResult:
+    """Encode one parquet part into ``out_dir/{train,val}/<part>.bin``."""
+    table = pq.read_table(part, columns=["id", "text"])
+    ids, texts = table.column("id").to_pylist(), table.column("text").to_pylist()
+    dtype = token_dtype(vocab_size)
+    name = Path(part).stem + ".bin"
+    res = PartResult(name, {"train": 0, "val": 0}, {"train": 0, "val": 0}, {"train": 0, "val": 0}, 0,
+                     np.zeros(vocab_size, dtype=np.int64))
+    split_of = ["val" if is_val(i, cfg.val_fraction) else "train" for i in ids]
+    encoded = encode_batch(spec, cfg, texts)
+    enc = _load(spec, cfg)
+    for split in ("train", "val"):
+        chunks = []
+        for text, toks, s in zip(texts, encoded, split_of, strict=True):
+            if s != split:
+                continue
+            if (enc.decode_bytes(toks) if spec.kind == "tiktoken" else enc.decode(toks, skip_special_tokens=False).encode("utf-8", "surrogatepass")) != text.encode("utf-8", "surrogatepass"):
+                res.not_round_trip += 1
+            arr = np.empty(len(toks) + 1, dtype=dtype)
+            arr[:-1] = toks
+            arr[-1] = eos_id
+            chunks.append(arr)
+            res.docs[split] += 1
+            res.bytes[split] += len(text.encode("utf-8", "surrogatepass"))
+        data = np.concatenate(chunks) if chunks else np.empty(0, dtype=dtype)
+        res.tokens[split] = int(len(data))
+        res.counts += np.bincount(data, minlength=vocab_size)[:vocab_size]
+        path = Path(out_dir) / split / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data.tofile(path)
+    return res
+
+
+MapFn = Callable[[Callable, list[dict]], list]
+
+
+def serial_map(fn: Callable, kwargs_list: list[dict]) -> list:
+    return [fn(**kw) for kw in kwargs_list]
+
+
+@dataclass
+class TokenizeSummary:
+    index: dict
+    metrics: dict
+    seconds: dict[str, float]
+    encoder_reason: str
+
+
+def run_tokenize(cfg: TokenizeConfig, map_fn: MapFn = serial_map, log: Callable[[str], None] = print) -> TokenizeSummary:
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    parts = parquet_parts(cfg.in_dir)
+    tok = train_tokenizer(cfg)
+    seconds["train_tokenizer"] = time.perf_counter() - t0
+    vocab_size = tok.get_vocab_size()
+    eos_id = tok.token_to_id(cfg.eos_token)
+    with atomic_dir(cfg.tokenizer_dir) as tdir:
+        save_tokenizer(tok, cfg, tdir)
+    tokenizer_json = str(Path(cfg.tokenizer_dir) / "tokenizer.json")
+    tok_hash = hashlib.sha256(Path(tokenizer_json).read_bytes()).hexdigest()
+
+    t1 = time.perf_counter()
+    spec, reason = choose_encoder(tokenizer_json, cfg)
+    seconds["check_encoder"] = time.perf_counter() - t1
+    log(f"encoder: {spec.kind} ({reason})")
+
+    t2 = time.perf_counter()
+    with atomic_dir(cfg.tokens_dir) as tmp:
+        results: list[PartResult] = map_fn(
+            encode_part,
+            [dict(part=str(p), out_dir=str(tmp), spec=spec, cfg=cfg, vocab_size=vocab_size, eos_id=eos_id) for p in parts],
+        )
+        seconds["encode_pack"] = time.perf_counter() - t2
+        index = build_index(results, cfg, vocab_size, eos_id, tok_hash, spec.kind, reason)
+        if index["splits"]["train"]["tokens"] == 0:
+            raise TokenizeError("no training tokens: the corpus is empty or tokenize.val_fraction is too high")
+        (tmp / "index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    metrics = index_metrics(index)
+    atomic_write_text(cfg.metrics_file, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    return TokenizeSummary(index, metrics, seconds, reason)
+
+
+def build_index(results: list[PartResult], cfg: TokenizeConfig, vocab_size: int, eos_id: int, tok_hash: str, kind: str, reason: str) -> dict:
+    splits = {}
+    for split in ("train", "val"):
+        splits[split] = {
+            "tokens": sum(r.tokens[split] for r in results),
+            "docs": sum(r.docs[split] for r in results),
+            "bytes": sum(r.bytes[split] for r in results),
+            "shards": [{"path": f"{split}/{r.name}", "tokens": r.tokens[split], "docs": r.docs[split]} for r in results],
+        }
+    counts = sum((r.counts for r in results), np.zeros(vocab_size, dtype=np.int64))
+    counts[eos_id] = 0
+    docs = sum(s["docs"] for s in splits.values())
+    content_tokens = sum(s["tokens"] for s in splits.values()) - docs  # EOS excluded
+    return {
+        "dtype": np.dtype(token_dtype(vocab_size)).name,
+        "vocab_size": vocab_size,
+        "eos_id": eos_id,
+        "tokenizer_sha256": tok_hash,
+        "encoder": kind,
+        "val_fraction": cfg.val_fraction,
+        "splits": splits,
+        "bytes_per_token": round(sum(s["bytes"] for s in splits.values()) / max(content_tokens, 1), 4),
+        "vocab_used": int((counts > 0).sum()),
+        "not_round_trip": sum(r.not_round_trip for r in results),
+    }
+
+
+def index_metrics(index: dict) -> dict:
+    return {
+        "train_tokens": index["splits"]["train"]["tokens"],
+        "val_tokens": index["splits"]["val"]["tokens"],
+        "train_docs": index["splits"]["train"]["docs"],
+        "val_docs": index["splits"]["val"]["docs"],
+        "bytes_per_token": index["bytes_per_token"],
+        "vocab_usage": round(index["vocab_used"] / index["vocab_size"], 4),
+        "not_round_trip": index["not_round_trip"],
+    }
+
+
+# Prefect task: thin wrapper, so each part's encoding is a task run (retried once).
+from prefect import task  # noqa: E402
+
+encode_part_task = task(encode_part, name="encode-part", retries=1)
