@@ -11,6 +11,7 @@ default SHA-1 hashing), the way a first implementation would do it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import re
 import sys
@@ -66,10 +67,8 @@ def main() -> None:
     texts = []
     for s in shards:
         for item in s:
-            try:
+            with contextlib.suppress(DecodeError, OSError):
                 texts.append(normalize_text(decode(Path(item.location).read_bytes())[0]))
-            except (DecodeError, OSError):
-                pass
     t0 = time.process_time()
     for text in texts:
         if first_failure(text, cfg):

@@ -14,8 +14,9 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from tasks.ingest import IngestError
     from tasks.sources import SourceError
     from tasks.storage import StorageError
+    from tasks.tokenize import TokenizeError
 
-    return (ConfigError, IngestError, SourceError, StorageError)
+    return (ConfigError, IngestError, SourceError, StorageError, TokenizeError)
 
 
 def shared_ephemeral_server() -> None:
@@ -26,7 +27,9 @@ def shared_ephemeral_server() -> None:
     from prefect.server.api.server import SubprocessASGIServer
 
     server = SubprocessASGIServer()
-    server.start(timeout=int(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")))
+    server.start(
+        timeout=int(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180"))
+    )
     os.environ["PREFECT_API_URL"] = server.api_url
     atexit.register(server.stop)
 

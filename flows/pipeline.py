@@ -13,10 +13,11 @@ from prefect import flow, get_run_logger
 
 from flows.cli import run_cli
 from flows.ingest import ingest
+from flows.tokenize import tokenize
 from tasks import dvc, tracking
 from tasks.config import load_params
 
-STAGES = {"ingest": ingest}
+STAGES = {"ingest": ingest, "tokenize": tokenize}
 
 
 @flow(name="pipeline", log_prints=True)

@@ -98,7 +98,7 @@ class TokenizeConfig(Section):
     tokenizer_dir: str = "data/tokenizer"
     tokens_dir: str = "data/tokens"
     metrics_file: str = "metrics/tokenize.json"
-    vocab_size: int = Field(default=8192, ge=300)
+    vocab_size: int = Field(default=8192, ge=1)
     min_frequency: int = Field(default=2, ge=1)
     # BOS/EOS/PAD are required; fill-in-the-middle tokens for code come after them.
     bos_token: str = "<|bos|>"
@@ -113,10 +113,12 @@ class TokenizeConfig(Section):
         r"""|\s*[\r\n]|\s+(?!\S)|\s+"""
     )
     train_max_bytes: int | None = Field(default=None, ge=1)  # train on at most this much text
-    val_fraction: float = Field(default=0.05, gt=0, lt=1)  # documents held out, by a hash of their id
+    val_fraction: float = Field(
+        default=0.05, gt=0, lt=1
+    )  # documents held out, by a hash of their id
     workers: int = Field(default=2, ge=1)
     fast_encoder: bool = True  # tiktoken built from our merges, when it matches exactly
-    check_docs: int = Field(default=256, ge=1)  # documents compared fast vs reference every run
+    check_docs: int = Field(default=128, ge=1)  # documents compared fast vs reference every run
     model_max_length: int = Field(default=2048, ge=16)
 
     @property

@@ -29,7 +29,9 @@ from tasks.storage import atomic_dir, atomic_write_text
 # A wide Unicode sample every trained tokenizer must round-trip before any shard is written.
 ROUND_TRIP_PROBE = (
     "def f(x):\n\treturn x  # CJK 漢字かなカナ한국어, emoji 🦙🚀👩‍💻, e\u0301 \u00e9 \u200b\r\n"
-    "a\u0000b\x07c \u202eRTL\u202c ΑΒΓ кириллица العربية श्रीमान् " + "very_long_identifier_" * 20 + "\n"
+    "a\u0000b\x07c \u202eRTL\u202c ΑΒΓ кириллица العربية श्रीमान् "
+    + "very_long_identifier_" * 20
+    + "\n"
 )
 
 
@@ -40,7 +42,9 @@ class TokenizeError(RuntimeError):
 def parquet_parts(in_dir: str | Path) -> list[Path]:
     parts = sorted(Path(in_dir).glob("part-*.parquet"))
     if not parts:
-        raise TokenizeError(f"no part-*.parquet in {in_dir}: run the ingest stage first (python -m flows.ingest)")
+        raise TokenizeError(
+            f"no part-*.parquet in {in_dir}: run the ingest stage first (python -m flows.ingest)"
+        )
     return parts
 
 
@@ -82,7 +86,9 @@ def train_tokenizer(cfg: TokenizeConfig):
     tok.encode_special_tokens = True  # "<|eos|>" written in a document is text, not the EOS token
     ids = tok.encode(ROUND_TRIP_PROBE, add_special_tokens=False).ids
     if tok.decode(ids, skip_special_tokens=False) != ROUND_TRIP_PROBE:
-        raise TokenizeError("the trained tokenizer does not round-trip the Unicode probe; check tokenize.split_pattern")
+        raise TokenizeError(
+            "the trained tokenizer does not round-trip the Unicode probe; check tokenize.split_pattern"
+        )
     return tok
 
 
@@ -104,8 +110,14 @@ def save_tokenizer(tok, cfg: TokenizeConfig, out_dir: str | Path) -> None:
         "clean_up_tokenization_spaces": False,
         "split_special_tokens": True,
         "added_tokens_decoder": {
-            str(vocab[t]): {"content": t, "lstrip": False, "rstrip": False, "normalized": False,
-                            "single_word": False, "special": True}
+            str(vocab[t]): {
+                "content": t,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "single_word": False,
+                "special": True,
+            }
             for t in cfg.special_tokens
         },
     }
@@ -119,7 +131,11 @@ def _bytes_decoder() -> dict[str, int]:
 
     # ByteLevel maps each byte to a printable character; alphabet() lists them, and the GPT-2
     # table assigns them in this order: printable bytes as themselves, the rest from U+0100 up.
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     table, n = {}, 0
     for b in range(256):
         if b in printable:
@@ -131,7 +147,7 @@ def _bytes_decoder() -> dict[str, int]:
     return table
 
 
-def tiktoken_encoding(tokenizer_json: str | Path, cfg: TokenizeConfig):
+def tiktoken_encoding(tokenizer_json: str | Path, pat_str: str):
     """A tiktoken ``Encoding`` with the trained merges as ranks (a token's id is its merge order)."""
     import tiktoken
 
@@ -139,10 +155,12 @@ def tiktoken_encoding(tokenizer_json: str | Path, cfg: TokenizeConfig):
     vocab: dict[str, int] = data["model"]["vocab"]
     dec = _bytes_decoder()
     specials = {t["content"]: t["id"] for t in data["added_tokens"]}
-    ranks = {bytes(dec[c] for c in token): idx for token, idx in vocab.items() if token not in specials}
+    ranks = {
+        bytes(dec[c] for c in token): idx for token, idx in vocab.items() if token not in specials
+    }
     return tiktoken.Encoding(
         name=f"llmforge-{hashlib.sha256(Path(tokenizer_json).read_bytes()).hexdigest()[:12]}",
-        pat_str=cfg.split_pattern,
+        pat_str=pat_str,
         mergeable_ranks=ranks,
         special_tokens=specials,
     )
@@ -155,9 +173,9 @@ class EncoderSpec:
 
 
 @lru_cache(maxsize=4)
-def _load(spec: EncoderSpec, cfg: TokenizeConfig):
+def _load(spec: EncoderSpec, pat_str: str):
     if spec.kind == "tiktoken":
-        return tiktoken_encoding(spec.tokenizer_json, cfg)
+        return tiktoken_encoding(spec.tokenizer_json, pat_str)
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(spec.tokenizer_json)
@@ -165,8 +183,10 @@ def _load(spec: EncoderSpec, cfg: TokenizeConfig):
     return tok
 
 
-def encode_batch(spec: EncoderSpec, cfg: TokenizeConfig, texts: list[str], threads: int = 1) -> list[list[int]]:
-    enc = _load(spec, cfg)
+def encode_batch(
+    spec: EncoderSpec, cfg: TokenizeConfig, texts: list[str], threads: int = 1
+) -> list[list[int]]:
+    enc = _load(spec, cfg.split_pattern)
     if spec.kind == "tiktoken":
         return enc.encode_ordinary_batch(texts, num_threads=threads)
     return [e.ids for e in enc.encode_batch(texts, add_special_tokens=False)]
@@ -188,7 +208,10 @@ def choose_encoder(tokenizer_json: str, cfg: TokenizeConfig) -> tuple[EncoderSpe
     want = encode_batch(reference, cfg, sample)
     for i, (a, b) in enumerate(zip(got, want, strict=True)):
         if a != b:
-            return reference, f"tiktoken differs from tokenizers on sample document {i}; using tokenizers"
+            return (
+                reference,
+                f"tiktoken differs from tokenizers on sample document {i}; using tokenizers",
+            )
     return fast, f"tiktoken matches tokenizers exactly on {len(sample)} sample documents"
 
 
@@ -211,23 +234,35 @@ class PartResult:
     counts: np.ndarray  # token id histogram over train+val, for vocabulary usage
 
 
-def encode_part(part: str, out_dir: str, spec: EncoderSpec, cfg: TokenizeConfig, vocab_size: int, eos_id: int) -> PartResult:
+def encode_part(
+    part: str, out_dir: str, spec: EncoderSpec, cfg: TokenizeConfig, vocab_size: int, eos_id: int
+) -> PartResult:
     """Encode one parquet part into ``out_dir/{train,val}/<part>.bin``."""
     table = pq.read_table(part, columns=["id", "text"])
     ids, texts = table.column("id").to_pylist(), table.column("text").to_pylist()
     dtype = token_dtype(vocab_size)
     name = Path(part).stem + ".bin"
-    res = PartResult(name, {"train": 0, "val": 0}, {"train": 0, "val": 0}, {"train": 0, "val": 0}, 0,
-                     np.zeros(vocab_size, dtype=np.int64))
+    res = PartResult(
+        name,
+        {"train": 0, "val": 0},
+        {"train": 0, "val": 0},
+        {"train": 0, "val": 0},
+        0,
+        np.zeros(vocab_size, dtype=np.int64),
+    )
     split_of = ["val" if is_val(i, cfg.val_fraction) else "train" for i in ids]
     encoded = encode_batch(spec, cfg, texts)
-    enc = _load(spec, cfg)
+    enc = _load(spec, cfg.split_pattern)
     for split in ("train", "val"):
         chunks = []
         for text, toks, s in zip(texts, encoded, split_of, strict=True):
             if s != split:
                 continue
-            if (enc.decode_bytes(toks) if spec.kind == "tiktoken" else enc.decode(toks, skip_special_tokens=False).encode("utf-8", "surrogatepass")) != text.encode("utf-8", "surrogatepass"):
+            if (
+                enc.decode_bytes(toks)
+                if spec.kind == "tiktoken"
+                else enc.decode(toks, skip_special_tokens=False).encode("utf-8", "surrogatepass")
+            ) != text.encode("utf-8", "surrogatepass"):
                 res.not_round_trip += 1
             arr = np.empty(len(toks) + 1, dtype=dtype)
             arr[:-1] = toks
@@ -259,7 +294,9 @@ class TokenizeSummary:
     encoder_reason: str
 
 
-def run_tokenize(cfg: TokenizeConfig, map_fn: MapFn = serial_map, log: Callable[[str], None] = print) -> TokenizeSummary:
+def run_tokenize(
+    cfg: TokenizeConfig, map_fn: MapFn = serial_map, log: Callable[[str], None] = print
+) -> TokenizeSummary:
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     parts = parquet_parts(cfg.in_dir)
@@ -281,26 +318,49 @@ def run_tokenize(cfg: TokenizeConfig, map_fn: MapFn = serial_map, log: Callable[
     with atomic_dir(cfg.tokens_dir) as tmp:
         results: list[PartResult] = map_fn(
             encode_part,
-            [dict(part=str(p), out_dir=str(tmp), spec=spec, cfg=cfg, vocab_size=vocab_size, eos_id=eos_id) for p in parts],
+            [
+                dict(
+                    part=str(p),
+                    out_dir=str(tmp),
+                    spec=spec,
+                    cfg=cfg,
+                    vocab_size=vocab_size,
+                    eos_id=eos_id,
+                )
+                for p in parts
+            ],
         )
         seconds["encode_pack"] = time.perf_counter() - t2
         index = build_index(results, cfg, vocab_size, eos_id, tok_hash, spec.kind, reason)
         if index["splits"]["train"]["tokens"] == 0:
-            raise TokenizeError("no training tokens: the corpus is empty or tokenize.val_fraction is too high")
+            raise TokenizeError(
+                "no training tokens: the corpus is empty or tokenize.val_fraction is too high"
+            )
         (tmp / "index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     metrics = index_metrics(index)
     atomic_write_text(cfg.metrics_file, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     return TokenizeSummary(index, metrics, seconds, reason)
 
 
-def build_index(results: list[PartResult], cfg: TokenizeConfig, vocab_size: int, eos_id: int, tok_hash: str, kind: str, reason: str) -> dict:
+def build_index(
+    results: list[PartResult],
+    cfg: TokenizeConfig,
+    vocab_size: int,
+    eos_id: int,
+    tok_hash: str,
+    kind: str,
+    reason: str,
+) -> dict:
     splits = {}
     for split in ("train", "val"):
         splits[split] = {
             "tokens": sum(r.tokens[split] for r in results),
             "docs": sum(r.docs[split] for r in results),
             "bytes": sum(r.bytes[split] for r in results),
-            "shards": [{"path": f"{split}/{r.name}", "tokens": r.tokens[split], "docs": r.docs[split]} for r in results],
+            "shards": [
+                {"path": f"{split}/{r.name}", "tokens": r.tokens[split], "docs": r.docs[split]}
+                for r in results
+            ],
         }
     counts = sum((r.counts for r in results), np.zeros(vocab_size, dtype=np.int64))
     counts[eos_id] = 0
@@ -314,7 +374,9 @@ def build_index(results: list[PartResult], cfg: TokenizeConfig, vocab_size: int,
         "encoder": kind,
         "val_fraction": cfg.val_fraction,
         "splits": splits,
-        "bytes_per_token": round(sum(s["bytes"] for s in splits.values()) / max(content_tokens, 1), 4),
+        "bytes_per_token": round(
+            sum(s["bytes"] for s in splits.values()) / max(content_tokens, 1), 4
+        ),
         "vocab_used": int((counts > 0).sum()),
         "not_round_trip": sum(r.not_round_trip for r in results),
     }

@@ -114,3 +114,9 @@ def log_stage_outputs(
     mlflow.log_metrics({f"time.{k}_s": float(v) for k, v in seconds.items()})
     for name, obj in json_artifacts.items():
         mlflow.log_dict(obj, name)
+
+
+def log_tags(tags: dict[str, str]) -> None:
+    import mlflow
+
+    mlflow.set_tags(tags)

@@ -51,6 +51,7 @@ def write_params(dst: Path, corpus: str) -> None:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["data"]["sources"] = [{"uri": corpus, "name": "fixture", "license": "CC0-1.0"}]
     params["data"]["min_chars"] = 50
+    params["tokenize"]["vocab_size"] = 512
     (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
@@ -105,7 +106,11 @@ def test_ingest_flow_on_prefect_server_with_artifact_and_mlflow(
 
 def repo_copy(dst: Path) -> Path:
     files = subprocess.run(
-        ["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.split()
     for f in files:
         if f.startswith(("data/", "metrics/")) or f == "dvc.lock":
@@ -147,9 +152,13 @@ def test_dvc_repro_then_noop_and_pipeline_flow_gives_same_lock(
     prefect_server, mlflow_sqlite, tmp_path
 ):
     a = repo_copy(tmp_path / "a")
-    first = dvc(a, "repro", "ingest")
+    first = dvc(a, "repro")
     assert first.returncode == 0, first.stderr[-3000:] + first.stdout[-3000:]
     assert json.loads((a / "metrics/ingest.json").read_text())["docs_out"] == 9
+    assert json.loads((a / "metrics/tokenize.json").read_text())["train_tokens"] > 0
+    assert (a / "data/tokens/index.json").exists() and (
+        a / "data/tokenizer/tokenizer.json"
+    ).exists()
     second = dvc(a, "repro")
     assert second.returncode == 0 and "Running stage" not in second.stdout, second.stdout
     assert "up to date" in dvc(a, "status").stdout
@@ -174,4 +183,4 @@ def test_dvc_repro_then_noop_and_pipeline_flow_gives_same_lock(
     runs = mlflow.search_runs(experiment_names=["llmforge"])
     parents = runs[runs["tags.llmforge.kind"] == "pipeline"]
     children = runs[runs["tags.mlflow.parentRunId"].isin(parents["run_id"])]
-    assert len(parents) == 2 and set(children["tags.llmforge.stage"]) == {"ingest"}
+    assert len(parents) == 2 and set(children["tags.llmforge.stage"]) == {"ingest", "tokenize"}

@@ -1,0 +1,60 @@
+"""Tokenize flow: data/clean -> data/tokenizer + data/tokens (``python -m flows.tokenize``)."""
+
+from __future__ import annotations
+
+import sys
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_table_artifact
+from prefect.task_runners import ProcessPoolTaskRunner
+
+from flows.cli import run_cli
+from tasks import tracking
+from tasks.config import load_params
+from tasks.tokenize import encode_part_task, run_tokenize
+
+
+@flow(name="tokenize", log_prints=True)
+def tokenize(params_file: str = "params.yaml", overrides: list[str] | None = None) -> dict:
+    params = load_params(params_file, overrides or [])
+    cfg, log = params.tokenize, get_run_logger()
+    with tracking.stage_run("tokenize", params, "tokenize") as run:
+        with ProcessPoolTaskRunner(max_workers=cfg.workers) as runner:
+
+            def parallel_map(fn, kwargs_list):  # one encode-part task per parquet part
+                return [
+                    f.result() for f in [runner.submit(encode_part_task, kw) for kw in kwargs_list]
+                ]
+
+            summary = run_tokenize(cfg, parallel_map, log.info)
+        tracking.log_stage_outputs(summary.metrics, summary.seconds, {"index.json": summary.index})
+        tracking.log_tags(
+            {
+                "tokenize.encoder": summary.index["encoder"],
+                "tokenize.encoder_reason": summary.encoder_reason,
+            }
+        )
+        url = tracking.run_url(run, params.infra)
+        rows = [{"stat": k, "value": v} for k, v in summary.metrics.items()]
+        rows += [{"stat": f"seconds.{k}", "value": round(v, 2)} for k, v in summary.seconds.items()]
+        rows += [
+            {"stat": "encoder", "value": f"{summary.index['encoder']}: {summary.encoder_reason}"},
+            {"stat": "mlflow_run", "value": url},
+        ]
+        create_table_artifact(
+            key="tokenize-stats", table=rows, description="Tokenizer and token-shard statistics"
+        )
+        m = summary.metrics
+        log.info(
+            "tokenize: %d train / %d val tokens, %.2f bytes/token, vocab usage %.1f%%; MLflow: %s",
+            m["train_tokens"],
+            m["val_tokens"],
+            m["bytes_per_token"],
+            100 * m["vocab_usage"],
+            url,
+        )
+    return summary.metrics
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(tokenize, "Tokenize: train a byte-level BPE and pack token shards."))
