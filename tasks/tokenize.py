@@ -12,6 +12,7 @@ plus ``index.json``.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import time
@@ -251,31 +252,47 @@ def encode_part(
         np.zeros(vocab_size, dtype=np.int64),
     )
     split_of = ["val" if is_val(i, cfg.val_fraction) else "train" for i in ids]
+    # Millions of small int lists would trigger Python's cyclic GC over and over; none of them
+    # can form a cycle, so collection is paused while this part is encoded and packed.
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _encode_and_pack(texts, split_of, spec, cfg, res, dtype, out_dir, vocab_size, eos_id)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+
+
+def _encode_and_pack(
+    texts, split_of, spec, cfg, res, dtype, out_dir, vocab_size, eos_id
+) -> PartResult:
+    name = res.name
     encoded = encode_batch(spec, cfg, texts)
     enc = _load(spec, cfg.split_pattern)
-    for split in ("train", "val"):
-        chunks = []
-        for text, toks, s in zip(texts, encoded, split_of, strict=True):
-            if s != split:
-                continue
-            if (
-                enc.decode_bytes(toks)
-                if spec.kind == "tiktoken"
-                else enc.decode(toks, skip_special_tokens=False).encode("utf-8", "surrogatepass")
-            ) != text.encode("utf-8", "surrogatepass"):
-                res.not_round_trip += 1
-            arr = np.empty(len(toks) + 1, dtype=dtype)
-            arr[:-1] = toks
-            arr[-1] = eos_id
-            chunks.append(arr)
-            res.docs[split] += 1
-            res.bytes[split] += len(text.encode("utf-8", "surrogatepass"))
-        data = np.concatenate(chunks) if chunks else np.empty(0, dtype=dtype)
-        res.tokens[split] = int(len(data))
-        res.counts += np.bincount(data, minlength=vocab_size)[:vocab_size]
+    if spec.kind == "tiktoken":
+        decode = enc.decode_bytes
+    else:
+
+        def decode(toks):
+            return enc.decode(toks, skip_special_tokens=False).encode("utf-8", "surrogatepass")
+
+    flat: dict[str, list[int]] = {"train": [], "val": []}
+    for text, toks, split in zip(texts, encoded, split_of, strict=True):
+        data = text.encode("utf-8", "surrogatepass")
+        if decode(toks) != data:
+            res.not_round_trip += 1
+        out = flat[split]
+        out += toks
+        out.append(eos_id)
+        res.docs[split] += 1
+        res.bytes[split] += len(data)
+    for split, tokens in flat.items():
+        arr = np.array(tokens, dtype=dtype)
+        res.tokens[split] = len(arr)
+        res.counts += np.bincount(arr, minlength=vocab_size)[:vocab_size]
         path = Path(out_dir) / split / name
         path.parent.mkdir(parents=True, exist_ok=True)
-        data.tofile(path)
+        arr.tofile(path)
     return res
 
 
