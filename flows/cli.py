@@ -15,8 +15,9 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from tasks.sources import SourceError
     from tasks.storage import StorageError
     from tasks.tokenize import TokenizeError
+    from tasks.train import TrainError
 
-    return (ConfigError, IngestError, SourceError, StorageError, TokenizeError)
+    return (ConfigError, IngestError, SourceError, StorageError, TokenizeError, TrainError)
 
 
 def shared_ephemeral_server() -> None:

@@ -207,3 +207,17 @@ class Llama(nn.Module):
         # tied, the shared tensor is counted once, as the lm_head).
         n = self.num_params() - (0 if c.tie_embeddings else self.embed_tokens.weight.numel())
         return 6 * n + 12 * c.n_layer * c.n_head * c.head_dim * T
+
+
+@torch.no_grad()
+def generate(
+    model: Llama, idx: torch.Tensor, max_new_tokens: int, eos_id: int | None = None
+) -> torch.Tensor:
+    """Greedy decoding without a KV cache (the reference that transformers' generate() must match)."""
+    for _ in range(max_new_tokens):
+        logits = model(idx[:, -model.cfg.max_seq_len :])
+        nxt = logits[:, -1].argmax(-1, keepdim=True)
+        idx = torch.cat([idx, nxt], dim=1)
+        if eos_id is not None and bool((nxt == eos_id).all()):
+            break
+    return idx

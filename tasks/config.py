@@ -138,6 +138,60 @@ class TokenizeConfig(Section):
         return self
 
 
+class TrainConfig(Section):
+    """The train stage: token shards -> a Llama-style model, checkpoints and a Hugging Face export."""
+
+    tokens_dir: str = "data/tokens"
+    tokenizer_dir: str = "data/tokenizer"
+    ckpt_dir: str = "models/ckpt"
+    export_dir: str = "models/hf"
+    log_file: str = "models/train_log.jsonl"
+    metrics_file: str = "metrics/train.json"
+    plot_file: str = "plots/train_loss.csv"
+    # Model: a named preset (tiny, small, 125m, 350m, 1b); the fields below override it when set.
+    preset: Literal["tiny", "small", "125m", "350m", "1b"] = "tiny"
+    n_layer: int | None = Field(default=None, ge=1)
+    n_head: int | None = Field(default=None, ge=1)
+    n_kv_head: int | None = Field(default=None, ge=1)
+    d_model: int | None = Field(default=None, ge=8)
+    tie_embeddings: bool | None = None
+    # Batch: micro_batch sequences of seq_len per process; gradients accumulate to global_batch_tokens.
+    seq_len: int = Field(default=256, ge=8)
+    micro_batch: int = Field(default=8, ge=1)
+    global_batch_tokens: int = Field(default=8192, ge=8)
+    max_steps: int = Field(default=60, ge=1)
+    # Optimiser and schedule.
+    lr: float = Field(default=3e-3, gt=0)
+    min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
+    warmup_steps: int = Field(default=6, ge=0)
+    schedule: Literal["cosine", "wsd"] = "cosine"
+    decay_frac: float = Field(default=0.2, gt=0, le=1)  # wsd: share of steps in the final decay
+    weight_decay: float = Field(default=0.1, ge=0)
+    beta1: float = Field(default=0.9, gt=0, lt=1)
+    beta2: float = Field(default=0.95, gt=0, lt=1)
+    grad_clip: float = Field(default=1.0, gt=0)
+    # Evaluation, logging, checkpoints.
+    log_every: int = Field(default=5, ge=1)
+    eval_every: int = Field(default=20, ge=1)
+    eval_batches: int = Field(default=4, ge=1)
+    ckpt_every: int = Field(default=20, ge=1)
+    keep_last: int = Field(default=2, ge=1)
+    # Parallelism and launch (torchrun).
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    compile: bool = False
+    activation_checkpointing: bool = False
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on GPUs, fp32 on CPUs
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    nproc_per_node: int = Field(default=1, ge=1)
+    nnodes: int = Field(default=1, ge=1)
+    rdzv_endpoint: str | None = None  # host:port for multi-node; None: --standalone
+    max_restarts: int = Field(default=0, ge=0)
+    threads: int = Field(default=0, ge=0)  # torch CPU threads per process; 0: torch's default
+    seed: int = 1234
+    export_check_tol: float = Field(default=1e-4, gt=0)  # max |logit difference| vs transformers
+    debug_nan_at_step: int | None = None  # fault injection for tests: loss becomes NaN at this step
+
+
 class InfraConfig(Section):
     """Services. Environment variables, where set, win over these (``MLFLOW_TRACKING_URI``,
     ``AWS_ENDPOINT_URL``, ``PREFECT_API_URL``); secrets never live here."""
@@ -152,6 +206,7 @@ class InfraConfig(Section):
 class Params(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
     infra: InfraConfig = Field(default_factory=InfraConfig)
 
 

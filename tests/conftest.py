@@ -260,3 +260,36 @@ def make_corpus(root: Path) -> dict[str, int]:
         "too_short": 1,
         "contaminated": 1,
     }
+
+
+def build_tokens(root: Path, vocab_size: int = 512, stdlib_docs: int = 60) -> Path:
+    """data/clean -> data/tokenizer + data/tokens under ``root``, through the real stage logic."""
+    from tasks.config import DataConfig, SourceConfig, TokenizeConfig
+    from tasks.ingest import finalize, plan_shards, process_shard
+    from tasks.tokenize import run_tokenize
+
+    make_corpus(root / "corpus")
+    dcfg = DataConfig(
+        sources=[
+            SourceConfig(uri=str(root / "corpus"), name="fixture"),
+            SourceConfig(uri="stdlib", max_docs=stdlib_docs),
+        ],
+        metrics_file=str(root / "metrics" / "ingest.json"),
+        min_chars=50,
+        part_max_bytes=200_000,
+    )
+    finalize(
+        [process_shard(s, dcfg) for s in plan_shards(dcfg)],
+        dcfg,
+        out_dir=str(root / "data" / "clean"),
+    )
+    tcfg = TokenizeConfig(
+        in_dir=str(root / "data" / "clean"),
+        tokenizer_dir=str(root / "data" / "tokenizer"),
+        tokens_dir=str(root / "data" / "tokens"),
+        metrics_file=str(root / "metrics" / "tokenize.json"),
+        vocab_size=vocab_size,
+        val_fraction=0.1,
+    )
+    run_tokenize(tcfg, log=lambda m: None)
+    return root / "data"

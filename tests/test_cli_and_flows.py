@@ -52,6 +52,21 @@ def write_params(dst: Path, corpus: str) -> None:
     params["data"]["sources"] = [{"uri": corpus, "name": "fixture", "license": "CC0-1.0"}]
     params["data"]["min_chars"] = 50
     params["tokenize"]["vocab_size"] = 512
+    params["train"].update(
+        n_layer=2,
+        n_head=4,
+        n_kv_head=2,
+        d_model=64,
+        seq_len=32,
+        micro_batch=4,
+        global_batch_tokens=256,
+        max_steps=4,
+        log_every=1,
+        eval_every=2,
+        eval_batches=1,
+        ckpt_every=2,
+        warmup_steps=1,
+    )
     (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
@@ -113,7 +128,7 @@ def repo_copy(dst: Path) -> Path:
         check=True,
     ).stdout.split()
     for f in files:
-        if f.startswith(("data/", "metrics/")) or f == "dvc.lock":
+        if f.startswith(("data/", "metrics/", "models/", "plots/")) or f == "dvc.lock":
             continue
         (dst / f).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / f, dst / f)
@@ -168,7 +183,17 @@ def test_dvc_repro_then_noop_and_pipeline_flow_gives_same_lock(
         [sys.executable, "-m", "flows.pipeline"], cwd=b, capture_output=True, text=True, timeout=900
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    assert lock_outs(a) == lock_outs(b)
+    # Same outputs from both entry points. Training timings (tokens/s, MFU, wall time) and DCP's
+    # checkpoint metadata differ from run to run by nature; the weights and losses must not.
+    timing = {"metrics/train.json", "models/train_log.jsonl", "models/ckpt"}
+    outs_a, outs_b = lock_outs(a), lock_outs(b)
+    for stage in outs_a:
+        assert [o for o in outs_a[stage] if o[0] not in timing] == [
+            o for o in outs_b[stage] if o[0] not in timing
+        ], stage
+    assert ("models/hf" in dict(outs_a["train"])) and (
+        "plots/train_loss.csv" in dict(outs_a["train"])
+    )
     assert "up to date" in dvc(b, "status").stdout
     again = subprocess.run(
         [sys.executable, "-m", "flows.pipeline"], cwd=b, capture_output=True, text=True, timeout=900
@@ -183,4 +208,66 @@ def test_dvc_repro_then_noop_and_pipeline_flow_gives_same_lock(
     runs = mlflow.search_runs(experiment_names=["llmforge"])
     parents = runs[runs["tags.llmforge.kind"] == "pipeline"]
     children = runs[runs["tags.mlflow.parentRunId"].isin(parents["run_id"])]
-    assert len(parents) == 2 and set(children["tags.llmforge.stage"]) == {"ingest", "tokenize"}
+    assert len(parents) == 2 and set(children["tags.llmforge.stage"]) == {
+        "ingest",
+        "tokenize",
+        "train",
+    }
+
+
+def test_train_flow_end_to_end_within_a_minute(prefect_server, mlflow_sqlite, tmp_path):
+    from tests.conftest import build_tokens
+
+    data = build_tokens(tmp_path)
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["train"].update(
+        tokens_dir=str(data / "tokens"),
+        tokenizer_dir=str(data / "tokenizer"),
+        ckpt_dir=str(tmp_path / "ckpt"),
+        export_dir=str(tmp_path / "hf"),
+        log_file=str(tmp_path / "log.jsonl"),
+        metrics_file=str(tmp_path / "train.json"),
+        plot_file=str(tmp_path / "loss.csv"),
+        n_layer=2,
+        d_model=64,
+        n_head=4,
+        n_kv_head=2,
+        seq_len=64,
+        micro_batch=4,
+        global_batch_tokens=512,
+        max_steps=10,
+        log_every=2,
+        eval_every=5,
+        ckpt_every=5,
+    )
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    t0 = time.monotonic()
+    out = subprocess.run(
+        [sys.executable, "-m", "flows.train", "--params", str(tmp_path / "params.yaml")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    metrics = json.loads((tmp_path / "train.json").read_text())
+    assert metrics["steps"] == 10 and metrics["wall_s"] < 60, metrics
+    assert time.monotonic() - t0 < 120
+    assert "step 10/10" in out.stdout + out.stderr  # torchrun's output streamed into the flow's log
+
+    import mlflow
+
+    mlflow.set_tracking_uri(mlflow_sqlite)
+    run = mlflow.search_runs(
+        experiment_names=["llmforge"], filter_string="tags.`llmforge.stage` = 'train'"
+    ).iloc[0]
+    client = mlflow.tracking.MlflowClient()
+    history = client.get_metric_history(run["run_id"], "loss")
+    assert [m.step for m in history] == [2, 4, 6, 8, 10]
+    assert {"train_loss.png", "train.json"} <= {
+        a.path for a in client.list_artifacts(run["run_id"])
+    }
+    arts = api(
+        prefect_server, "/artifacts/filter", {"artifacts": {"key": {"any_": ["train-summary"]}}}
+    )
+    assert arts and "tokens_per_s" in arts[0]["data"]

@@ -1,0 +1,47 @@
+"""Train flow: token shards -> models/ckpt + models/hf, launched with torchrun
+(``python -m flows.train [--params P] [train.nproc_per_node=2 ...]``)."""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+
+from flows.cli import run_cli
+from tasks import tracking
+from tasks.config import load_params
+from tasks.train import log_to_mlflow, run_torchrun, torchrun_command
+
+
+@flow(name="train", log_prints=True)
+def train(params_file: str = "params.yaml", overrides: list[str] | None = None) -> dict:
+    params = load_params(params_file, overrides or [])
+    cfg, log = params.train, get_run_logger()
+    with tracking.stage_run("train", params, "train") as run:
+        cmd = torchrun_command(cfg, params_file, overrides or [])
+        log.info("launching: %s", " ".join(cmd))
+        run_torchrun(cmd, log.info)
+        with tempfile.TemporaryDirectory() as tmp:
+            metrics = log_to_mlflow(cfg, Path(tmp))
+        url = tracking.run_url(run, params.infra)
+        create_markdown_artifact(
+            key="train-summary",
+            markdown=(
+                "# Training\n\n| metric | value |\n|---|---|\n"
+                + "".join(f"| {k} | {v} |\n" for k, v in metrics.items())
+                + f"\nExport: `{cfg.export_dir}`  \nMLflow run: {url}\n"
+            ),
+        )
+    return metrics
+
+
+if __name__ == "__main__":
+    sys.exit(
+        run_cli(
+            train,
+            "Train: a Llama-style model with torchrun, checkpointed and exported to Hugging Face format.",
+        )
+    )

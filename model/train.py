@@ -1,0 +1,128 @@
+"""Training entry point, run by torchrun: ``torchrun --standalone --nproc_per_node=N -m model.train
+[--params params.yaml] [train.max_steps=100 ...]``. ``python -m flows.train`` builds that command."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+import time
+from pathlib import Path
+
+from tasks.env import apply_offline_defaults
+
+apply_offline_defaults()
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict  # noqa: E402
+
+from model import checkpoint  # noqa: E402
+from model.data import DataMismatchError  # noqa: E402
+from model.export import ExportCheckError, export  # noqa: E402
+from model.trainer import NonFiniteLossError, train  # noqa: E402
+from tasks.config import ConfigError, TrainConfig, parse_cli  # noqa: E402
+from tasks.storage import atomic_write_text  # noqa: E402
+
+
+def read_log(path: str) -> list[dict]:
+    """The training log, last record per step (a resumed run re-logs steps after its checkpoint)."""
+    by_step: dict[int, dict] = {}
+    p = Path(path)
+    if p.exists():
+        for line in p.read_text().splitlines():
+            if line.strip():
+                rec = json.loads(line)
+                by_step[rec["step"]] = rec
+    return [by_step[k] for k in sorted(by_step)]
+
+
+def write_outputs(cfg: TrainConfig, result: dict, wall: float, diff: float) -> dict:
+    records = read_log(cfg.log_file)
+    Path(cfg.plot_file).parent.mkdir(parents=True, exist_ok=True)
+    with open(cfg.plot_file, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["step", "loss", "val_loss"])
+        for r in records:
+            w.writerow(
+                [r["step"], f"{r['loss']:.6f}", f"{r['val_loss']:.6f}" if "val_loss" in r else ""]
+            )
+    last = records[-1] if records else {}
+    timed = [r for r in records if r["step"] > records[0]["step"]] if len(records) > 1 else records
+    metrics = {
+        "steps": result["steps"],
+        "tokens_seen": result["steps"] * cfg.global_batch_tokens,
+        "final_loss": round(last.get("loss", float("nan")), 6),
+        "val_loss": round(result["val_loss"], 6)
+        if result["val_loss"] == result["val_loss"]
+        else None,
+        "params": result["n_params"],
+        "flops_per_token": result["flops_per_token"],
+        "tokens_per_s": round(sum(r["tokens_per_s"] for r in timed) / max(len(timed), 1), 1),
+        "mfu": round(sum(r["mfu"] for r in timed) / max(len(timed), 1), 4),
+        "peak_flops": result["peak"],
+        "peak_source": result["peak_source"],
+        "processes": result["dist"].world,
+        "device": str(result["dist"].device.type),
+        "wall_s": round(wall, 1),
+        "export_max_logit_diff": diff,
+    }
+    atomic_write_text(cfg.metrics_file, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        params, _ = parse_cli(argv, "Train the model (run under torchrun).")
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    cfg = params.train
+    t0 = time.perf_counter()
+    rank = int(__import__("os").environ.get("RANK", "0"))
+
+    def log(msg: str) -> None:
+        if rank == 0:
+            print(msg, flush=True)
+
+    try:
+        result = train(cfg, log)
+        if "stopped_at" in result:
+            return 0
+        model = result["model"]
+        state = get_model_state_dict(
+            model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+        if rank == 0:
+            diff = export(
+                state,
+                result["model_config"],
+                cfg.tokenizer_dir,
+                cfg.export_dir,
+                cfg.export_check_tol,
+            )
+            metrics = write_outputs(cfg, result, time.perf_counter() - t0, diff)
+            log(
+                f"exported {cfg.export_dir} (max |logit diff| vs transformers {diff:.1e}); metrics: {json.dumps(metrics)}"
+            )
+        if dist.is_initialized():
+            dist.barrier()
+        return 0
+    except (
+        NonFiniteLossError,
+        checkpoint.CheckpointMismatchError,
+        DataMismatchError,
+        ExportCheckError,
+        FileNotFoundError,
+        ValueError,
+    ) as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 3
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    torch.set_float32_matmul_precision("high")
+    sys.exit(main())
