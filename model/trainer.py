@@ -51,7 +51,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return lo + 0.5 * (cfg.lr - lo) * (1 + math.cos(math.pi * min(frac, 1.0)))
 
 
-def measured_cpu_peak(n: int = 1024, reps: int = 5) -> float:
+def measured_cpu_peak(n: int = 2048, reps: int = 5) -> float:
     """fp32 matmul FLOP/s of this CPU with torch's threads: the roof an fp32 CPU run can reach."""
     a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b
