@@ -32,7 +32,9 @@ def step_fn(model, optim, x, y, hf: bool, autocast):
         with autocast:
             if hf:
                 logits = model(input_ids=x).logits
-                loss = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
+                loss = torch.nn.functional.cross_entropy(
+                    logits.float().view(-1, logits.size(-1)), y.reshape(-1)
+                )
             else:
                 _, loss = model(x, y)
         loss.backward()
@@ -69,7 +71,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--compile", action="store_true", help="also time our model under torch.compile")
+    ap.add_argument(
+        "--compile", action="store_true", help="also time our model under torch.compile"
+    )
     args = ap.parse_args()
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
@@ -91,13 +95,21 @@ def main() -> None:
     hcfg.pop("model_type")
     hcfg.pop("torch_dtype")
     hf = LlamaForCausalLM(LlamaConfig(**hcfg, attn_implementation="sdpa")).to(device)
-    hf.load_state_dict({("model." + k if k != "lm_head.weight" else k): v for k, v in ours.state_dict().items()}, strict=False)
+    hf.load_state_dict(
+        {("model." + k if k != "lm_head.weight" else k): v for k, v in ours.state_dict().items()},
+        strict=False,
+    )
 
     peak, src = device_peak(device)
-    print(f"model {args.preset}: {ours.num_params() / 1e6:.1f}M params, {flops_tok / 1e6:.1f} MFLOP/token, "
-          f"batch {args.batch}x{args.seq}, {args.dtype} on {device}; peak {peak / 1e9:,.0f} GFLOP/s ({src})")
+    print(
+        f"model {args.preset}: {ours.num_params() / 1e6:.1f}M params, {flops_tok / 1e6:.1f} MFLOP/token, "
+        f"batch {args.batch}x{args.seq}, {args.dtype} on {device}; peak {peak / 1e9:,.0f} GFLOP/s ({src})"
+    )
     rows = []
-    for name, model, is_hf in (("transformers LlamaForCausalLM", hf, True), ("ours (eager)", ours, False)):
+    for name, model, is_hf in (
+        ("transformers LlamaForCausalLM", hf, True),
+        ("ours (eager)", ours, False),
+    ):
         optim = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
         dt = timed(step_fn(model, optim, x, y, is_hf, autocast), args.warmup, args.steps, device)
         rows.append((name, tokens / dt))
@@ -111,10 +123,14 @@ def main() -> None:
         rows.append(("ours (torch.compile per block)", tokens / dt))
     base = rows[0][1]
     for name, tps in rows:
-        print(f"{name:<34} {tps:10,.0f} tokens/s  {tps / base:5.2f}x transformers  MFU {100 * tps * flops_tok / peak:5.1f}%")
+        print(
+            f"{name:<34} {tps:10,.0f} tokens/s  {tps / base:5.2f}x transformers  MFU {100 * tps * flops_tok / peak:5.1f}%"
+        )
     best = max(rows[1:], key=lambda r: r[1])
-    print(f"best: {best[0]}: {best[1] / base:.2f}x transformers' tokens/s (target >= 1.2x), "
-          f"{100 * best[1] * flops_tok / peak:.1f}% of peak (target >= 60% on CPU, >= 45% on H100)")
+    print(
+        f"best: {best[0]}: {best[1] / base:.2f}x transformers' tokens/s (target >= 1.2x), "
+        f"{100 * best[1] * flops_tok / peak:.1f}% of peak (target >= 60% on CPU, >= 45% on H100)"
+    )
 
 
 if __name__ == "__main__":

@@ -11,13 +11,22 @@ from tasks.config import ConfigError, parse_cli
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
+    from tasks.evaluate import EvaluateError
     from tasks.ingest import IngestError
     from tasks.sources import SourceError
     from tasks.storage import StorageError
     from tasks.tokenize import TokenizeError
     from tasks.train import TrainError
 
-    return (ConfigError, IngestError, SourceError, StorageError, TokenizeError, TrainError)
+    return (
+        ConfigError,
+        IngestError,
+        SourceError,
+        StorageError,
+        TokenizeError,
+        TrainError,
+        EvaluateError,
+    )
 
 
 def shared_ephemeral_server() -> None:

@@ -192,6 +192,38 @@ class TrainConfig(Section):
     debug_nan_at_step: int | None = None  # fault injection for tests: loss becomes NaN at this step
 
 
+class GateConfig(Section):
+    """The release gate: the evaluate stage records pass or fail; release refuses a failure."""
+
+    max_val_loss: float | None = 8.0  # nats/token on the held-out shards
+    min_humaneval_bpb_gain: float | None = 0.0  # bits/byte below the untrained (uniform) baseline
+    require_decontamination: bool = True  # the corpus was checked against HumanEval
+
+
+class EvaluateConfig(Section):
+    """The evaluate stage: lm-eval on models/hf, compared with GPT-4's published scores."""
+
+    model_dir: str = "models/hf"
+    tokens_dir: str = "data/tokens"
+    data_card: str = "data/clean/card.json"
+    out_dir: str = "reports/eval"
+    humaneval: bool = True
+    allow_code_execution: bool = True  # run generated code (sandboxed); false: HumanEval is not run
+    humaneval_limit: int | None = Field(default=None, ge=1)  # first N problems (None: all 164)
+    max_gen_toks: int = Field(default=128, ge=1)
+    max_length: int = Field(default=1024, ge=16)  # context lm-eval may use (prompt + continuation)
+    sandbox_timeout_s: float = Field(default=10.0, gt=0)
+    sandbox_memory_mb: int = Field(default=512, ge=64)
+    standard_benchmarks: list[
+        Literal["mmlu", "hellaswag", "arc_challenge", "winogrande", "gsm8k"]
+    ] = Field(default_factory=lambda: ["mmlu", "hellaswag", "arc_challenge", "winogrande", "gsm8k"])
+    benchmark_limit: int | None = Field(default=None, ge=1)  # examples per standard benchmark
+    perplexity_max_tokens: int = Field(default=65536, ge=1)
+    batch_size: int = Field(default=8, ge=1)
+    seed: int = 1234
+    gate: GateConfig = Field(default_factory=GateConfig)
+
+
 class InfraConfig(Section):
     """Services. Environment variables, where set, win over these (``MLFLOW_TRACKING_URI``,
     ``AWS_ENDPOINT_URL``, ``PREFECT_API_URL``); secrets never live here."""
@@ -207,6 +239,7 @@ class Params(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     infra: InfraConfig = Field(default_factory=InfraConfig)
 
 

@@ -67,6 +67,13 @@ def write_params(dst: Path, corpus: str) -> None:
         ckpt_every=2,
         warmup_steps=1,
     )
+    params["evaluate"].update(
+        humaneval_limit=2,
+        max_gen_toks=8,
+        max_length=4096,
+        standard_benchmarks=["winogrande"],
+        perplexity_max_tokens=1024,
+    )
     (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
@@ -174,6 +181,11 @@ def test_dvc_repro_then_noop_and_pipeline_flow_gives_same_lock(
     assert (a / "data/tokens/index.json").exists() and (
         a / "data/tokenizer/tokenizer.json"
     ).exists()
+    assert json.loads((a / "metrics/train.json").read_text())["steps"] == 4
+    assert (a / "models/hf/model.safetensors").exists() and (a / "plots/train_loss.csv").exists()
+    results = json.loads((a / "reports/eval/results.json").read_text())
+    assert results["benchmarks"]["winogrande"]["status"] == "not run: dataset unavailable"
+    assert results["benchmarks"]["humaneval"]["n"] == 2
     second = dvc(a, "repro")
     assert second.returncode == 0 and "Running stage" not in second.stdout, second.stdout
     assert "up to date" in dvc(a, "status").stdout
@@ -212,6 +224,7 @@ def test_dvc_repro_then_noop_and_pipeline_flow_gives_same_lock(
         "ingest",
         "tokenize",
         "train",
+        "evaluate",
     }
 
 

@@ -1,0 +1,67 @@
+"""Evaluate flow: models/hf -> reports/eval (``python -m flows.evaluate``)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_table_artifact
+
+from flows.cli import run_cli
+from tasks import tracking
+from tasks.config import load_params
+from tasks.evaluate import run_evaluate, write_report
+
+
+@flow(name="evaluate")  # no log_prints: lm-eval and datasets print internals
+def evaluate(params_file: str = "params.yaml", overrides: list[str] | None = None) -> dict:
+    params = load_params(params_file, overrides or [])
+    cfg, log = params.evaluate, get_run_logger()
+    with tracking.stage_run("evaluate", params, "evaluate") as run:
+        results = run_evaluate(cfg, log.info)
+        rows = write_report(results, cfg.out_dir)
+        out = Path(cfg.out_dir)
+        import mlflow
+
+        ran = {
+            f"{k}": v["score"]
+            for k, v in results["benchmarks"].items()
+            if v.get("status") == "ran" and "score" in v
+        }
+        mlflow.log_metrics(
+            {f"eval.{k}": float(v) for k, v in ran.items()}
+            | {"eval.gate_passed": float(results["gate"]["passed"])}
+        )
+        table = [
+            {
+                "benchmark": r["benchmark"],
+                "ours": r["ours"] if r["status"] == "ran" else r["status"],
+                **{m: r["refs"][m] for m in r["refs"]},
+                "gap_to_gpt4": r["gap_to_gpt4"],
+            }
+            for r in rows
+        ]
+        mlflow.log_table({k: [row[k] for row in table] for k in table[0]}, "comparison_table.json")
+        for name in ("comparison.md", "comparison.png", "results.json"):
+            mlflow.log_artifact(str(out / name))
+        url = tracking.run_url(run, params.infra)
+        create_table_artifact(
+            key="eval-vs-gpt4",
+            table=table,
+            description=f"Ours vs GPT-4 (gate {'passed' if results['gate']['passed'] else 'FAILED'}); MLflow: {url}",
+        )
+        log.info(
+            "evaluate: gate %s; report %s/comparison.md; MLflow: %s",
+            "passed" if results["gate"]["passed"] else "FAILED",
+            cfg.out_dir,
+            url,
+        )
+    return {
+        "gate": results["gate"],
+        "benchmarks": {k: v.get("score", v["status"]) for k, v in results["benchmarks"].items()},
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(evaluate, "Evaluate: lm-eval on models/hf, compared side by side with GPT-4."))
