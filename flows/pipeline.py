@@ -36,6 +36,8 @@ def pipeline(
                 log.info("%s: up to date in dvc.lock, skipped", name)
                 results[name] = "skipped"
                 continue
+            if record:
+                dvc.clear_outs(name)
             results[name] = stage_flow(params_file=params_file, overrides=overrides or [])
             if record:
                 dvc.commit(name)

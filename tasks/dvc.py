@@ -38,3 +38,27 @@ def commit(stage: str) -> None:
     out = _dvc("commit", "--force", stage)
     if out.returncode != 0:
         raise RuntimeError(f"dvc commit {stage} failed: {out.stderr.strip() or out.stdout.strip()}")
+
+
+def clear_outs(stage: str) -> list[str]:
+    """Remove a stale stage's outputs before it runs, as ``dvc repro`` does (unless ``persist``):
+    a rerun never resumes from, or mixes with, what an older version of the stage left behind."""
+    import shutil
+
+    import yaml
+
+    spec = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"][stage]
+    removed = []
+    for out in spec.get("outs", []):
+        path, opts = (out, {}) if isinstance(out, str) else next(iter(out.items()))
+        if (opts or {}).get("persist"):
+            continue
+        p = REPO_ROOT / path
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+        else:
+            continue
+        removed.append(path)
+    return removed
