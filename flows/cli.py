@@ -13,6 +13,7 @@ from tasks.config import ConfigError, parse_cli
 def user_errors() -> tuple[type[BaseException], ...]:
     from tasks.evaluate import EvaluateError
     from tasks.ingest import IngestError
+    from tasks.release import ReleaseError
     from tasks.sources import SourceError
     from tasks.storage import StorageError
     from tasks.tokenize import TokenizeError
@@ -26,6 +27,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
         TokenizeError,
         TrainError,
         EvaluateError,
+        ReleaseError,
     )
 
 

@@ -14,12 +14,19 @@ from prefect import flow, get_run_logger
 from flows.cli import run_cli
 from flows.evaluate import evaluate
 from flows.ingest import ingest
+from flows.release import release
 from flows.tokenize import tokenize
 from flows.train import train
 from tasks import dvc, tracking
 from tasks.config import load_params
 
-STAGES = {"ingest": ingest, "tokenize": tokenize, "train": train, "evaluate": evaluate}
+STAGES = {
+    "ingest": ingest,
+    "tokenize": tokenize,
+    "train": train,
+    "evaluate": evaluate,
+    "release": release,
+}
 
 
 @flow(name="pipeline", log_prints=True)

@@ -224,6 +224,24 @@ class EvaluateConfig(Section):
     gate: GateConfig = Field(default_factory=GateConfig)
 
 
+class ReleaseConfig(Section):
+    """The release stage: a verifiable open-source bundle, optionally uploaded and registered."""
+
+    name: str = Field(default="llmforge-demo", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    version: str = Field(default="0.1.0", pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+    license: Literal["Apache-2.0"] = "Apache-2.0"
+    model_dir: str = "models/hf"
+    eval_dir: str = "reports/eval"
+    data_card: str = "data/clean/card.json"
+    train_metrics: str = "metrics/train.json"
+    out_dir: str = "release"
+    allow_failed_gate: bool = False  # release despite a failed eval gate (the model card says so)
+    s3_uri: str | None = None  # s3://bucket/prefix to upload the bundle and tarball to
+    register_model: bool = True  # register a version in the MLflow Model Registry
+    registered_model: str = "llmforge"
+    hub_token: str | None = None  # never logged or written; reserved for a Hugging Face Hub push
+
+
 class InfraConfig(Section):
     """Services. Environment variables, where set, win over these (``MLFLOW_TRACKING_URI``,
     ``AWS_ENDPOINT_URL``, ``PREFECT_API_URL``); secrets never live here."""
@@ -240,6 +258,7 @@ class Params(Section):
     tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    release: ReleaseConfig = Field(default_factory=ReleaseConfig)
     infra: InfraConfig = Field(default_factory=InfraConfig)
 
 

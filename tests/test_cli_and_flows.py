@@ -186,6 +186,8 @@ def test_dvc_repro_then_noop_and_pipeline_flow_gives_same_lock(
     results = json.loads((a / "reports/eval/results.json").read_text())
     assert results["benchmarks"]["winogrande"]["status"] == "not run: dataset unavailable"
     assert results["benchmarks"]["humaneval"]["n"] == 2
+    assert (a / "release/llmforge-demo-0.1.0/SHA256SUMS").exists()
+    assert (a / "release/llmforge-demo-0.1.0.tar.gz").exists()
     second = dvc(a, "repro")
     assert second.returncode == 0 and "Running stage" not in second.stdout, second.stdout
     assert "up to date" in dvc(a, "status").stdout
@@ -197,7 +199,8 @@ def test_dvc_repro_then_noop_and_pipeline_flow_gives_same_lock(
     assert out.returncode == 0, out.stderr[-3000:]
     # Same outputs from both entry points. Training timings (tokens/s, MFU, wall time) and DCP's
     # checkpoint metadata differ from run to run by nature; the weights and losses must not.
-    timing = {"metrics/train.json", "models/train_log.jsonl", "models/ckpt"}
+    # The release names the MLflow run it came from, which differs between the two executions.
+    timing = {"metrics/train.json", "models/train_log.jsonl", "models/ckpt", "release"}
     outs_a, outs_b = lock_outs(a), lock_outs(b)
     for stage in outs_a:
         assert [o for o in outs_a[stage] if o[0] not in timing] == [
@@ -225,6 +228,7 @@ def test_dvc_repro_then_noop_and_pipeline_flow_gives_same_lock(
         "tokenize",
         "train",
         "evaluate",
+        "release",
     }
 
 

@@ -1,0 +1,422 @@
+"""The release stage: an open-source bundle anyone can verify, load and trace to its data.
+
+``release/<name>-<version>/`` holds the model (safetensors only), tokenizer, generation config, a
+model card with full lineage, the license and the data sources' notices, ``manifest.json`` and
+``SHA256SUMS``; ``release/<name>-<version>.tar.gz`` is built reproducibly (sorted entries, fixed
+mtimes and owners, a gzip header without a timestamp). ``verify`` checks a bundle, a tarball or an
+``s3://`` tarball byte for byte, refuses unsafe archives before extracting, and loads the model.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import shutil
+import sysconfig
+import tarfile
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from tasks.config import Params, to_flat_dict
+from tasks.storage import atomic_dir, download_file, is_s3, upload_file
+from tasks.tracking import git_commit, redact
+
+LICENSES = Path(__file__).with_name("licenses")
+MODEL_FILES = (
+    "config.json",
+    "model.safetensors",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+)
+
+
+class ReleaseError(RuntimeError):
+    pass
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def dvc_lineage(lock_path: Path = Path("dvc.lock")) -> dict:
+    """Each DVC stage's output hashes, from dvc.lock."""
+    if not lock_path.exists():
+        return {}
+    lock = yaml.safe_load(lock_path.read_text()) or {}
+    return {
+        stage: {o["path"]: o.get("md5") for o in spec.get("outs", [])}
+        for stage, spec in sorted(lock.get("stages", {}).items())
+    }
+
+
+def load_inputs(p: Params) -> dict:
+    cfg = p.release
+    model = Path(cfg.model_dir)
+    missing = [f for f in MODEL_FILES if not (model / f).exists()]
+    if missing:
+        raise ReleaseError(f"{model} lacks {', '.join(missing)}: run the train stage first")
+    pickles = [
+        f.name for f in model.iterdir() if f.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+    ]
+    if pickles:
+        raise ReleaseError(
+            f"{model} holds pickle files ({', '.join(pickles)}); a release carries safetensors only"
+        )
+    results_path = Path(cfg.eval_dir) / "results.json"
+    if not results_path.exists():
+        raise ReleaseError(f"no evaluation results at {results_path}: run the evaluate stage first")
+    results = json.loads(results_path.read_text())
+    gate = results.get("gate", {"passed": False, "reasons": ["no gate recorded"]})
+    if not gate["passed"] and not cfg.allow_failed_gate:
+        raise ReleaseError(
+            "the evaluation gate failed ("
+            + "; ".join(gate["reasons"])
+            + "); fix the model, or set release.allow_failed_gate=true to release anyway (the model card will say so)"
+        )
+    card = (
+        json.loads(Path(cfg.data_card).read_text())
+        if Path(cfg.data_card).exists()
+        else {"sources": []}
+    )
+    train = (
+        json.loads(Path(cfg.train_metrics).read_text()) if Path(cfg.train_metrics).exists() else {}
+    )
+    return {
+        "results": results,
+        "gate": gate,
+        "card": card,
+        "train": train,
+        "config": json.loads((model / "config.json").read_text()),
+    }
+
+
+def model_card(p: Params, inputs: dict, lineage: dict) -> str:
+    cfg, r, card, train, mc = (
+        p.release,
+        inputs["results"],
+        inputs["card"],
+        inputs["train"],
+        inputs["config"],
+    )
+    ran = [row for row in r.get("comparison", []) if row["status"] == "ran"]
+    front = {
+        "license": cfg.license.lower(),
+        "language": ["en", "code"],
+        "library_name": "transformers",
+        "pipeline_tag": "text-generation",
+        "tags": ["llmforge", "llama", "causal-lm"],
+        "datasets": [s["name"] for s in card.get("sources", [])],
+        "model-index": [
+            {
+                "name": f"{cfg.name}-{cfg.version}",
+                "results": [
+                    {
+                        "task": {"type": "text-generation"},
+                        "dataset": {"name": row["benchmark"], "type": row["key"]},
+                        "metrics": [{"type": row["metric"], "value": round(row["ours"], 2)}],
+                    }
+                    for row in ran
+                ],
+            }
+        ],
+    }
+    n_params = train.get("params", "?")
+    lines = [
+        "---",
+        yaml.safe_dump(front, sort_keys=False).strip(),
+        "---",
+        "",
+        f"# {cfg.name} {cfg.version}",
+        "",
+    ]
+    if not inputs["gate"]["passed"]:
+        lines += [
+            "> **Released despite a failed evaluation gate** (release.allow_failed_gate): "
+            + "; ".join(inputs["gate"]["reasons"]),
+            "",
+        ]
+    lines += [
+        "## Model details",
+        "",
+        f"- Architecture: Llama-style decoder (`LlamaForCausalLM`), {mc['num_hidden_layers']} layers, hidden size {mc['hidden_size']}, "
+        f"{mc['num_attention_heads']} attention heads ({mc['num_key_value_heads']} key/value heads), SwiGLU, RoPE, RMSNorm",
+        f"- Parameters: {n_params:,}" if isinstance(n_params, int) else f"- Parameters: {n_params}",
+        f"- Tokenizer: byte-level BPE, {mc['vocab_size']:,} tokens; context length {mc['max_position_embeddings']}",
+        "",
+        "## Training",
+        "",
+        f"- Tokens seen: {train.get('tokens_seen', '?'):,}"
+        if isinstance(train.get("tokens_seen"), int)
+        else "- Tokens seen: ?",
+        f"- Steps: {train.get('steps', '?')}; final train loss {train.get('final_loss', '?')}, validation loss {train.get('val_loss', '?')}",
+        f"- Hardware: {train.get('processes', '?')} process(es) on {train.get('device', '?')}; wall time {train.get('wall_s', '?')} s; "
+        f"MFU {100 * train['mfu']:.1f}% of {train.get('peak_source', '?')}"
+        if "mfu" in train
+        else "- Hardware: ?",
+        "",
+        "## Data",
+        "",
+        "| source | license | documents in | documents out | quarantined | filtered | duplicates | contaminated |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for s in card.get("sources", []):
+        lines.append(
+            f"| {s['name']} | {s['license']} | {s['docs_in']:,} | {s['docs_out']:,} | {s['quarantined']:,} | "
+            f"{sum(s['filtered'].values()):,} | {s['exact_duplicates'] + s['near_duplicates']:,} | {s['contaminated']:,} |"
+        )
+    dec = card.get("decontamination", {})
+    lines += [
+        "",
+        f"Filters: {json.dumps(card.get('filters', {}))}. PII replaced: {json.dumps(card.get('pii_replaced', {}))}. "
+        f"Decontamination against {', '.join(dec.get('benchmarks', [])) or 'nothing'} ({dec.get('ngram', '?')}-grams): "
+        f"{len(dec.get('hits', []))} document(s) removed.",
+        "",
+        "## Evaluation",
+        "",
+    ]
+    eval_md = Path(p.release.eval_dir) / "comparison.md"
+    if eval_md.exists():
+        body = eval_md.read_text().split("\n", 2)[2]  # drop the report's own title
+        lines += [body.replace("## ", "### "), "![comparison](comparison.png)", ""]
+    lines += [
+        "## Intended use",
+        "",
+        "Research and experimentation with a small model trained by the llmforge pipeline; not for production use.",
+        "",
+        "## Limitations",
+        "",
+        "A small model trained briefly: it does not approach GPT-4 on any benchmark above; it can produce incorrect, "
+        "insecure or licensed code; benchmarks marked *not run* were not measured.",
+        "",
+        "## How to load",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        f'tok = AutoTokenizer.from_pretrained("{cfg.name}-{cfg.version}")',
+        f'model = AutoModelForCausalLM.from_pretrained("{cfg.name}-{cfg.version}")  # no trust_remote_code needed',
+        "```",
+        "",
+        "## Lineage",
+        "",
+        f"- Git commit: `{lineage['git_commit']}`",
+        f"- MLflow run: `{lineage['mlflow_run_id']}`",
+    ]
+    for stage, outs in lineage["dvc"].items():
+        lines.append(f"- DVC `{stage}`: " + ", ".join(f"`{k}` {v}" for k, v in outs.items()))
+    lines += [
+        "- Params: see `manifest.json`",
+        "",
+        "## Citation",
+        "",
+        "```bibtex",
+        f"@misc{{{cfg.name.replace('-', '_')}_{cfg.version.replace('.', '_')},",
+        f"  title = {{{cfg.name} {cfg.version}}},",
+        "  note = {Trained and released with llmforge},",
+        "}",
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def data_notices(card: dict) -> str:
+    lines = ["# Data sources and their licenses", ""]
+    for s in card.get("sources", []):
+        lines.append(f"- {s['name']} ({s['uri']}): {s['license']}")
+    text = "\n".join(lines) + "\n"
+    if any(s["uri"] == "stdlib" for s in card.get("sources", [])):
+        psf = Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt"
+        if psf.exists():
+            text += "\n## Python standard library (PSF-2.0)\n\n" + psf.read_text(errors="replace")
+    return text
+
+
+def build_bundle(p: Params, mlflow_run_id: str, out_root: str | None = None) -> Path:
+    """Write ``release/<name>-<version>/`` atomically and return its path."""
+    cfg = p.release
+    inputs = load_inputs(p)
+    lineage = {"git_commit": git_commit(), "mlflow_run_id": mlflow_run_id, "dvc": dvc_lineage()}
+    root = Path(out_root or cfg.out_dir)
+    final = root / f"{cfg.name}-{cfg.version}"
+    with atomic_dir(final) as tmp:
+        for f in MODEL_FILES:
+            shutil.copy2(Path(cfg.model_dir) / f, tmp / f)
+        if (Path(cfg.eval_dir) / "comparison.png").exists():
+            shutil.copy2(Path(cfg.eval_dir) / "comparison.png", tmp / "comparison.png")
+        (tmp / "README.md").write_text(model_card(p, inputs, lineage))
+        (tmp / "LICENSE").write_text((LICENSES / f"{cfg.license}.txt").read_text())
+        (tmp / "DATA_LICENSES.md").write_text(data_notices(inputs["card"]))
+        files = sorted(f.name for f in tmp.iterdir())
+        sums = {f: sha256_file(tmp / f) for f in files}
+        params = redact({**to_flat_dict(p, "")})
+        manifest = {
+            "name": cfg.name,
+            "version": cfg.version,
+            "license": cfg.license,
+            "lineage": lineage,
+            "sources": [
+                {"name": s["name"], "uri": s["uri"], "license": s["license"]}
+                for s in inputs["card"].get("sources", [])
+            ],
+            "gate": inputs["gate"],
+            "evaluation": {
+                k: v.get("score", v.get("status"))
+                for k, v in inputs["results"]["benchmarks"].items()
+            },
+            "params": params,
+            "files": sums,
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        sums["manifest.json"] = sha256_file(tmp / "manifest.json")
+        (tmp / "SHA256SUMS").write_text("".join(f"{h}  {f}\n" for f, h in sorted(sums.items())))
+    return final
+
+
+def build_tarball(bundle: Path) -> Path:
+    """A reproducible .tar.gz: same files, same bytes, whatever the clock or the user."""
+    out = bundle.parent / f"{bundle.name}.tar.gz"
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for path in sorted(bundle.rglob("*")):
+            rel = f"{bundle.name}/{path.relative_to(bundle).as_posix()}"
+            info = tarfile.TarInfo(rel)
+            info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
+            if path.is_dir():
+                info.type, info.mode = tarfile.DIRTYPE, 0o755
+                tar.addfile(info)
+            else:
+                info.mode, info.size = 0o644, path.stat().st_size
+                with open(path, "rb") as f:
+                    tar.addfile(info, f)
+    tmp = out.with_name(f".{out.name}.tmp")
+    with open(tmp, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz:
+        gz.write(buf.getvalue())
+    tmp.replace(out)
+    return out
+
+
+def safe_extract(tarball: Path, dest: Path) -> Path:
+    """Extract only plain files and folders under ``dest``; refuse the whole archive otherwise."""
+    with tarfile.open(tarball, "r:gz") as tar:
+        members = tar.getmembers()
+        for m in members:
+            name = m.name
+            if name.startswith("/") or Path(name).is_absolute():
+                raise ReleaseError(f"unsafe archive: absolute path {name!r}")
+            if ".." in Path(name).parts:
+                raise ReleaseError(f"unsafe archive: path escapes the target {name!r}")
+            if m.issym() or m.islnk():
+                raise ReleaseError(f"unsafe archive: link {name!r} -> {m.linkname!r}")
+            if not (m.isfile() or m.isdir()):
+                raise ReleaseError(
+                    f"unsafe archive: {name!r} is a device, fifo or other special file"
+                )
+        tops = {Path(m.name).parts[0] for m in members}
+        if len(tops) != 1:
+            raise ReleaseError(f"a release archive holds one top-level folder, not {sorted(tops)}")
+        tar.extractall(dest, members=members, filter="data")
+    return dest / tops.pop()
+
+
+def verify_dir(bundle: Path, load: bool = True) -> dict:
+    sums_file = bundle / "SHA256SUMS"
+    if not sums_file.exists():
+        raise ReleaseError(f"{bundle}: no SHA256SUMS file")
+    listed = {}
+    for line in sums_file.read_text().splitlines():
+        digest, _, name = line.partition("  ")
+        listed[name] = digest
+    present = {p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file()} - {
+        "SHA256SUMS"
+    }
+    for name in sorted(set(listed) - present):
+        raise ReleaseError(f"{bundle}: {name} is listed in SHA256SUMS but missing")
+    for name in sorted(present - set(listed)):
+        raise ReleaseError(
+            f"{bundle}: {name} is not listed in SHA256SUMS (added after the release)"
+        )
+    for name, digest in sorted(listed.items()):
+        if sha256_file(bundle / name) != digest:
+            raise ReleaseError(f"{bundle}: checksum mismatch for {name}")
+    out = {"bundle": str(bundle), "files": len(listed)}
+    if load:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(bundle, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            bundle, local_files_only=True, trust_remote_code=False, use_safetensors=True
+        )
+        with torch.no_grad():
+            logits = model(**tok("def f(x):", return_tensors="pt")).logits
+        out["loaded"] = bool(torch.isfinite(logits).all())
+    return out
+
+
+def verify(target: str, load: bool = True) -> dict:
+    if is_s3(target):
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(tmp) / Path(target).name
+            download_file(target, local)
+            return verify(str(local), load)
+    path = Path(target)
+    if path.is_dir():
+        return verify_dir(path, load)
+    if path.is_file() and path.name.endswith((".tar.gz", ".tgz")):
+        with tempfile.TemporaryDirectory() as tmp:
+            return verify_dir(safe_extract(path, Path(tmp)), load)
+    raise ReleaseError(f"{target}: not a release folder, .tar.gz or s3:// URI")
+
+
+def upload(bundle: Path, tarball: Path, s3_uri: str) -> list[str]:
+    """Upload the tarball and the bundle's files (boto3 managed transfers: multipart for large
+    files, retried, aborted on failure so no partial object is left under a final key)."""
+    base = s3_uri.rstrip("/")
+    uris = [f"{base}/{tarball.name}"]
+    upload_file(tarball, uris[0])
+    for f in sorted(bundle.iterdir()):
+        uri = f"{base}/{bundle.name}/{f.name}"
+        upload_file(f, uri)
+        uris.append(uri)
+    return uris
+
+
+def register(cfg, source: str, run_id: str, gate_passed: bool) -> dict:
+    """A version in the MLflow Model Registry, alias ``candidate``, and ``champion`` when the gate passed."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    if not is_s3(source):
+        # A tracking server accepts a local source only inside the run's artifacts: log the
+        # bundle there (it is also what a registry user downloads) and point the version at it.
+        mlflow.log_artifacts(source, "bundle")
+        source = mlflow.get_artifact_uri("bundle")
+    try:
+        client.get_registered_model(cfg.registered_model)
+    except MlflowException:
+        client.create_registered_model(
+            cfg.registered_model, description="Models released by llmforge"
+        )
+    mv = client.create_model_version(
+        cfg.registered_model,
+        source=source,
+        run_id=run_id,
+        tags={"release": f"{cfg.name}-{cfg.version}"},
+    )
+    aliases = ["candidate"] + (["champion"] if gate_passed else [])
+    for alias in aliases:
+        client.set_registered_model_alias(cfg.registered_model, alias, mv.version)
+    return {"name": cfg.registered_model, "version": mv.version, "aliases": aliases}

@@ -1,0 +1,269 @@
+"""The release stage: bundle, reproducible tarball, verify, S3 upload, MLflow registry, secrets."""
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import boto3
+import pytest
+import torch
+import yaml
+
+from tasks.config import params_from_dict
+from tasks.release import ReleaseError, build_bundle, build_tarball, register, safe_extract, verify
+from tests.conftest import REPO, free_port, wait_http
+
+pytestmark = pytest.mark.integration
+CANARY_ENV = "canary-env-7f3a9c"
+CANARY_PARAM = "canary-param-51be02"
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """A tiny trained model and its real evaluation, through the stages' own code."""
+    from tasks.config import EvaluateConfig
+    from tasks.evaluate import run_evaluate, write_report
+    from tests.conftest import build_tokens
+    from tests.test_train import params_file, run_train
+
+    root = tmp_path_factory.mktemp("release")
+    data = build_tokens(root / "d")
+    run_train(params_file(root / "t", data, max_steps=4))
+    ecfg = EvaluateConfig(
+        model_dir=str(root / "t" / "hf"),
+        tokens_dir=str(data / "tokens"),
+        data_card=str(data / "clean" / "card.json"),
+        out_dir=str(root / "eval"),
+        humaneval_limit=2,
+        max_gen_toks=8,
+        max_length=4096,
+        standard_benchmarks=[],
+        perplexity_max_tokens=1024,
+    )
+    write_report(run_evaluate(ecfg, log=lambda m: None), ecfg.out_dir)
+    return root, data
+
+
+def params(root: Path, data: Path, out: str, **release):
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    defaults = dict(
+        model_dir=str(root / "t" / "hf"),
+        eval_dir=str(root / "eval"),
+        data_card=str(data / "clean" / "card.json"),
+        train_metrics=str(root / "t" / "train.json"),
+        out_dir=out,
+    )
+    raw["release"].update({**defaults, **release})
+    return params_from_dict(raw)
+
+
+def test_bundle_loads_offline_with_same_logits_and_no_pickles(inputs, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root, data = inputs
+    bundle = build_bundle(params(root, data, str(tmp_path)), "run-1")
+    assert not [p for p in bundle.iterdir() if p.suffix in (".bin", ".pt", ".pkl", ".pth")]
+    card = (bundle / "README.md").read_text()
+    assert (
+        card.startswith("---\nlicense: apache-2.0") and "model-index" in card and "| 67.0 |" in card
+    )
+    assert "## Lineage" in card and "run-1" in card and "Git commit" in card
+    assert "Apache License" in (bundle / "LICENSE").read_text()
+    ids = torch.tensor([[1, 5, 9, 42, 7]])
+    a = AutoModelForCausalLM.from_pretrained(bundle, local_files_only=True, trust_remote_code=False)
+    b = AutoModelForCausalLM.from_pretrained(
+        root / "t" / "hf", local_files_only=True, trust_remote_code=False
+    )
+    with torch.no_grad():
+        assert torch.equal(a(ids).logits, b(ids).logits)
+    assert AutoTokenizer.from_pretrained(bundle, local_files_only=True).eos_token == "<|eos|>"
+
+
+def test_verify_detects_changed_added_and_removed_files(inputs, tmp_path):
+    root, data = inputs
+    bundle = build_bundle(params(root, data, str(tmp_path / "r")), "run-1")
+    assert verify(str(bundle))["loaded"] is True
+    for name in ("model.safetensors", "README.md", "tokenizer.json"):
+        work = tmp_path / f"w-{name}"
+        shutil.copytree(bundle, work)
+        blob = bytearray((work / name).read_bytes())
+        blob[len(blob) // 2] ^= 0x01  # one byte
+        (work / name).write_bytes(bytes(blob))
+        with pytest.raises(ReleaseError, match=f"checksum mismatch for {name}"):
+            verify(str(work), load=False)
+    added = tmp_path / "added"
+    shutil.copytree(bundle, added)
+    (added / "extra.py").write_text("print('hi')")
+    with pytest.raises(ReleaseError, match="extra.py is not listed"):
+        verify(str(added), load=False)
+    removed = tmp_path / "removed"
+    shutil.copytree(bundle, removed)
+    (removed / "LICENSE").unlink()
+    with pytest.raises(ReleaseError, match="LICENSE is listed in SHA256SUMS but missing"):
+        verify(str(removed), load=False)
+
+
+def _tar(path: Path, members: list[tuple[tarfile.TarInfo, bytes | None]]) -> Path:
+    with tarfile.open(path, "w:gz") as tar:
+        for info, data in members:
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["dotdot", "absolute", "symlink", "hardlink", "device"])
+def test_crafted_tarballs_are_rejected_without_writing_outside(tmp_path, kind):
+    ok = tarfile.TarInfo("rel/ok.txt")
+    ok.size = 2
+    bad = tarfile.TarInfo(
+        {"dotdot": "rel/../../escape.txt", "absolute": str(tmp_path / "abs.txt")}.get(
+            kind, "rel/bad"
+        )
+    )
+    if kind in ("dotdot", "absolute"):
+        bad.size = 4
+        data = b"evil"
+    elif kind == "symlink":
+        bad.type, bad.linkname, data = tarfile.SYMTYPE, "/etc/passwd", None
+    elif kind == "hardlink":
+        bad.type, bad.linkname, data = tarfile.LNKTYPE, "/etc/passwd", None
+    else:
+        bad.type, bad.devmajor, bad.devminor, data = tarfile.CHRTYPE, 1, 3, None
+    tarball = _tar(tmp_path / "evil.tar.gz", [(ok, b"ok"), (bad, data)])
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    with pytest.raises(ReleaseError, match="unsafe archive"):
+        safe_extract(tarball, dest)
+    assert list(dest.iterdir()) == []  # nothing extracted at all
+    assert not (tmp_path / "escape.txt").exists() and not (tmp_path / "abs.txt").exists()
+    with pytest.raises(ReleaseError, match="unsafe archive"):
+        verify(str(tarball))
+
+
+def test_two_builds_give_byte_identical_tarballs(inputs, tmp_path):
+    root, data = inputs
+    first = build_tarball(build_bundle(params(root, data, str(tmp_path)), "run-1")).read_bytes()
+    shutil.rmtree(tmp_path / "llmforge-demo-0.1.0")
+    os.utime(root / "t" / "hf" / "config.json")  # a new mtime on an input changes nothing
+    again = build_tarball(build_bundle(params(root, data, str(tmp_path)), "run-1"))
+    assert again.read_bytes() == first
+    assert verify(str(again))["files"] >= 10
+
+
+def test_upload_to_s3_download_and_verify(inputs, tmp_path, s3_server):
+    from tasks.release import upload
+
+    root, data = inputs
+    boto3.client("s3").create_bucket(Bucket="releases")
+    bundle = build_bundle(params(root, data, str(tmp_path)), "run-1")
+    tarball = build_tarball(bundle)
+    uris = upload(bundle, tarball, "s3://releases/llmforge")
+    assert uris[0] == f"s3://releases/llmforge/{tarball.name}"
+    assert verify(uris[0])["loaded"] is True
+    out = subprocess.run(
+        [sys.executable, "-m", "flows.release", "verify", uris[0]],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0 and out.stdout.startswith("OK:"), out.stderr[-2000:]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    log = root / "server.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--backend-store-uri",
+                f"sqlite:///{root / 'mlflow.db'}",
+                "--default-artifact-root",
+                str(root / "artifacts"),
+                "--workers",
+                "1",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", 120, proc, log)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def test_registry_has_version_and_aliases_on_a_server(inputs, tmp_path, mlflow_server, monkeypatch):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    mlflow.set_tracking_uri(mlflow_server)
+    root, data = inputs
+    p = params(root, data, str(tmp_path))
+    bundle = build_bundle(p, "run-1")
+    with mlflow.start_run() as run:
+        info = register(p.release, str(bundle), run.info.run_id, gate_passed=True)
+    client = MlflowClient(mlflow_server)
+    assert client.get_model_version_by_alias("llmforge", "champion").version == info["version"]
+    source = client.get_model_version_by_alias("llmforge", "candidate").source
+    assert source.endswith("/bundle")
+    assert "SHA256SUMS" in {
+        a.path.split("/")[-1] for a in client.list_artifacts(info_run_id(client, info), "bundle")
+    }
+    with mlflow.start_run() as run:
+        second = register(p.release, str(bundle), run.info.run_id, gate_passed=False)
+    assert client.get_model_version_by_alias("llmforge", "candidate").version == second["version"]
+    assert client.get_model_version_by_alias("llmforge", "champion").version == info["version"]
+
+
+def info_run_id(client, info):
+    return client.get_model_version("llmforge", info["version"]).run_id
+
+
+def test_no_secret_reaches_the_bundle(inputs, tmp_path, monkeypatch):
+    root, data = inputs
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", CANARY_ENV)
+    monkeypatch.setenv("HF_TOKEN", CANARY_ENV)
+    bundle = build_bundle(params(root, data, str(tmp_path), hub_token=CANARY_PARAM), "run-1")
+    tarball = build_tarball(bundle)
+    for f in [*bundle.iterdir(), tarball]:
+        blob = (
+            f.read_bytes() if f.suffix != ".gz" else __import__("gzip").decompress(f.read_bytes())
+        )
+        assert CANARY_ENV.encode() not in blob and CANARY_PARAM.encode() not in blob, f
+    assert (
+        json.loads((bundle / "manifest.json").read_text())["params"]["release.hub_token"] == "***"
+    )
+
+
+def test_failed_gate_is_refused_unless_overridden(inputs, tmp_path):
+    root, data = inputs
+    failed = tmp_path / "eval"
+    shutil.copytree(root / "eval", failed)
+    res = json.loads((failed / "results.json").read_text())
+    res["gate"] = {"passed": False, "reasons": ["held-out loss 9.1 > max_val_loss 8.0"]}
+    (failed / "results.json").write_text(json.dumps(res))
+    with pytest.raises(ReleaseError, match="gate failed.*allow_failed_gate"):
+        build_bundle(params(root, data, str(tmp_path / "o"), eval_dir=str(failed)), "run-1")
+    assert not (tmp_path / "o").exists() or not list((tmp_path / "o").iterdir())
+    bundle = build_bundle(
+        params(root, data, str(tmp_path / "o"), eval_dir=str(failed), allow_failed_gate=True),
+        "run-1",
+    )
+    assert "Released despite a failed evaluation gate" in (bundle / "README.md").read_text()
