@@ -200,6 +200,22 @@ class GateConfig(Section):
     require_decontamination: bool = True  # the corpus was checked against HumanEval
 
 
+class LiveConfig(Section):
+    """A live reference: the same tasks against any OpenAI-compatible endpoint (GPT-4 through its
+    API, a vLLM server, or ``python -m model.serve``), its numbers beside ours in the report."""
+
+    base_url: str  # e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1
+    model: str  # the model name the endpoint expects
+    label: str = "live"
+    api: Literal["completions", "chat"] = "completions"  # chat: generation tasks only (no logprobs)
+    api_key_env: str = (
+        "OPENAI_API_KEY"  # the variable holding the key; the key itself never lives in params
+    )
+    tokenizer: str | None = (
+        None  # HF tokenizer for completions requests (default: evaluate.model_dir)
+    )
+
+
 class EvaluateConfig(Section):
     """The evaluate stage: lm-eval on models/hf, compared with GPT-4's published scores."""
 
@@ -222,6 +238,7 @@ class EvaluateConfig(Section):
     batch_size: int = Field(default=8, ge=1)
     seed: int = 1234
     gate: GateConfig = Field(default_factory=GateConfig)
+    live: LiveConfig | None = None
 
 
 class ReleaseConfig(Section):

@@ -282,8 +282,78 @@ def run_evaluate(cfg: EvaluateConfig, log=print) -> dict:
             }
         log(f"{name}: {b[name]['status']}")
     b["val_perplexity"] = heldout_perplexity(cfg)
+    if cfg.live is not None:
+        results["live"] = run_live(cfg, log)
     results["gate"] = gate(cfg, results)
     return results
+
+
+def run_live(cfg: EvaluateConfig, log=print) -> dict:
+    """HumanEval (pass@1, and bits per byte where the API gives logprobs) on the live endpoint."""
+    import os
+
+    from lm_eval import simple_evaluate
+
+    live = cfg.live
+    out: dict = {
+        "label": live.label,
+        "model": live.model,
+        "base_url": live.base_url,
+        "benchmarks": {},
+    }
+    tasks = humaneval_tasks(cfg)
+    if live.api == "chat":
+        tasks = [t for t in tasks if t["output_type"] == "generate_until"]
+    endpoint = "chat/completions" if live.api == "chat" else "completions"
+    args = {
+        "base_url": f"{live.base_url.rstrip('/')}/{endpoint}",
+        "model": live.model,
+        "num_concurrent": 1,
+        "max_retries": 2,
+        "max_length": cfg.max_length,
+    }
+    if live.api == "completions":
+        args |= {"tokenizer": live.tokenizer or cfg.model_dir, "tokenizer_backend": "huggingface"}
+    else:
+        args |= {"tokenizer_backend": None}
+    old_key = os.environ.get("OPENAI_API_KEY")
+    if os.environ.get(live.api_key_env):  # lm-eval reads OPENAI_API_KEY; the value is never logged
+        os.environ["OPENAI_API_KEY"] = os.environ[live.api_key_env]
+    try:
+        res = simple_evaluate(
+            model="local-chat-completions" if live.api == "chat" else "local-completions",
+            model_args=args,
+            tasks=tasks,
+            num_fewshot=0,
+            limit=cfg.humaneval_limit,
+            confirm_run_unsafe_code=cfg.allow_code_execution,
+            bootstrap_iters=1000,
+            apply_chat_template=live.api == "chat",
+        )
+    except Exception as exc:  # unreachable endpoint, bad key, unsupported API
+        out["status"] = f"not run: {type(exc).__name__}: {str(exc)[:300]}"
+        log(f"live reference {live.label}: {out['status']}")
+        return out
+    finally:
+        if old_key is None:
+            os.environ.pop("OPENAI_API_KEY", None)
+        else:
+            os.environ["OPENAI_API_KEY"] = old_key
+    out["status"] = "ran"
+    if "llmforge_humaneval" in res["results"]:
+        score, err = _metric(res, "llmforge_humaneval", "pass_at_1")
+        out["benchmarks"]["humaneval"] = {
+            "status": "ran",
+            "score": 100 * score,
+            "stderr": None if err is None else 100 * err,
+        }
+    if "llmforge_humaneval_bpb" in res["results"]:
+        out["benchmarks"]["humaneval_bpb"] = {
+            "status": "ran",
+            "score": _metric(res, "llmforge_humaneval_bpb", "bits_per_byte")[0],
+        }
+    log(f"live reference {live.label}: {out['benchmarks']}")
+    return out
 
 
 def gate(cfg: EvaluateConfig, results: dict) -> dict:
@@ -342,6 +412,7 @@ def comparison_rows(results: dict) -> list[dict]:
                 "ours": ours.get("score"),
                 "stderr": ours.get("stderr"),
                 "refs": {m: ref["scores"].get(m, {}).get("value") for m in refs["models"]},
+                "live": (results.get("live") or {}).get("benchmarks", {}).get(key, {}).get("score"),
                 "gap_to_gpt4": (ours["score"] - gpt4)
                 if ours.get("score") is not None and gpt4 is not None
                 else None,
@@ -360,6 +431,8 @@ def _fmt(v, err=None) -> str:
 def comparison_markdown(results: dict, rows: list[dict]) -> str:
     refs = references()
     models = refs["models"]
+    live = results.get("live")
+    columns = ([f"{live['label']} (live)"] if live else []) + models
     lines = [
         "# Evaluation: our model vs GPT-4",
         "",
@@ -367,15 +440,15 @@ def comparison_markdown(results: dict, rows: list[dict]) -> str:
         + "; ".join(refs["sources"].values())
         + ".",
         "",
-        "| benchmark | metric | ours | " + " | ".join(models) + " | gap to GPT-4 |",
-        "|---|---|---:|" + "---:|" * len(models) + "---:|",
+        "| benchmark | metric | ours | " + " | ".join(columns) + " | gap to GPT-4 |",
+        "|---|---|---:|" + "---:|" * len(columns) + "---:|",
     ]
     for r in rows:
         ours = _fmt(r["ours"], r["stderr"]) if r["status"] == "ran" else r["status"]
         gap = f"{r['gap_to_gpt4']:+.1f}" if r["gap_to_gpt4"] is not None else "–"
         lines.append(
             f"| {r['benchmark']} | {r['metric']} | {ours} | "
-            + " | ".join(_fmt(r["refs"][m]) for m in models)
+            + " | ".join(([_fmt(r["live"])] if live else []) + [_fmt(r["refs"][m]) for m in models])
             + f" | {gap} |"
         )
     b = results["benchmarks"]
@@ -396,6 +469,15 @@ def comparison_markdown(results: dict, rows: list[dict]) -> str:
         lines.append(
             f"| held-out loss ({v['tokens']:,} val tokens) | {v['loss']:.3f} nats/token, {v['bits_per_byte']:.3f} bits/byte | – |"
         )
+    if live:
+        lines += [
+            "",
+            f"Live reference **{live['label']}**: `{live['model']}` at {live['base_url']}, {live['status']} "
+            "(the same HumanEval tasks through lm-eval's API models).",
+        ]
+        live_bpb = live.get("benchmarks", {}).get("humaneval_bpb")
+        if live_bpb:
+            lines.append(f"Live HumanEval bits per byte: {live_bpb['score']:.3f}.")
     lines += ["", "## Comparability", ""]
     for r in rows:
         lines.append(f"- **{r['benchmark']}**: " + "; ".join(r["notes"]))

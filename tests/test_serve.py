@@ -1,0 +1,144 @@
+"""model.serve for real: lm-eval's local-completions against it gives the direct scores."""
+
+import json
+import subprocess
+import sys
+import urllib.request
+
+import pytest
+
+from tests.conftest import REPO, free_port, wait_http
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    from tests.conftest import build_tokens
+    from tests.test_train import params_file, run_train
+
+    root = tmp_path_factory.mktemp("serve")
+    data = build_tokens(root / "d")
+    run_train(params_file(root / "t", data, max_steps=4))
+    model = root / "t" / "hf"
+    port = free_port()
+    log = root / "serve.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "model.serve", "--model", str(model), "--port", str(port)],
+            cwd=REPO,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/v1/models", 120, proc, log)
+        yield model, f"http://127.0.0.1:{port}/v1"
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def post(url, body):
+    req = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return json.loads(r.read())
+
+
+def test_completions_and_chat(served):
+    _, base = served
+    out = post(
+        f"{base}/completions", {"prompt": "def add(a, b):", "max_tokens": 5, "temperature": 0}
+    )
+    assert out["object"] == "text_completion" and out["usage"]["completion_tokens"] == 5
+    echo = post(
+        f"{base}/completions",
+        {"prompt": "def add(a, b):", "max_tokens": 0, "echo": True, "logprobs": 1},
+    )
+    lp = echo["choices"][0]["logprobs"]
+    assert echo["choices"][0]["text"] == "def add(a, b):" and lp["token_logprobs"][0] is None
+    assert all(v <= 0 for v in lp["token_logprobs"][1:])
+    chat = post(
+        f"{base}/chat/completions",
+        {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3},
+    )
+    assert chat["choices"][0]["message"]["role"] == "assistant"
+
+
+def test_local_completions_scores_equal_direct(served):
+    from lm_eval import simple_evaluate
+
+    from tasks.config import EvaluateConfig
+    from tasks.evaluate import _metric, humaneval_tasks, lm_eval_run
+
+    model, base = served
+    cfg = EvaluateConfig(
+        model_dir=str(model), allow_code_execution=False, max_length=4096, batch_size=1
+    )
+    direct = lm_eval_run(cfg, humaneval_tasks(cfg), 0, 4)
+    remote = simple_evaluate(
+        model="local-completions",
+        model_args={
+            "base_url": f"{base}/completions",
+            "model": "llmforge",
+            "tokenizer": str(model),
+            "tokenizer_backend": "huggingface",
+            "num_concurrent": 1,
+            "max_retries": 1,
+            "max_length": 4096,
+        },
+        tasks=humaneval_tasks(cfg),
+        num_fewshot=0,
+        limit=4,
+        bootstrap_iters=0,
+    )
+    a, _ = _metric(direct, "llmforge_humaneval_bpb", "bits_per_byte")
+    b, _ = _metric(remote, "llmforge_humaneval_bpb", "bits_per_byte")
+    assert a > 0 and abs(a - b) < 1e-4 * a, (a, b)
+
+
+def test_live_reference_column_beside_ours(served, tmp_path):
+    from tasks.config import EvaluateConfig, LiveConfig
+    from tasks.evaluate import run_evaluate, write_report
+
+    model, base = served
+    cfg = EvaluateConfig(
+        model_dir=str(model),
+        tokens_dir=str(model.parent.parent / "d" / "data" / "tokens"),
+        data_card=str(model.parent.parent / "d" / "data" / "clean" / "card.json"),
+        out_dir=str(tmp_path / "eval"),
+        humaneval_limit=2,
+        max_gen_toks=8,
+        max_length=4096,
+        standard_benchmarks=[],
+        perplexity_max_tokens=512,
+        live=LiveConfig(base_url=base, model="llmforge", label="served-copy"),
+    )
+    results = run_evaluate(cfg, log=lambda m: None)
+    write_report(results, cfg.out_dir)
+    live = results["live"]
+    assert live["status"] == "ran"
+    ours_bpb = results["benchmarks"]["humaneval_bpb"]["score"]
+    assert abs(live["benchmarks"]["humaneval_bpb"]["score"] - ours_bpb) < 1e-4 * ours_bpb
+    assert live["benchmarks"]["humaneval"]["score"] == results["benchmarks"]["humaneval"]["score"]
+    report = (tmp_path / "eval" / "comparison.md").read_text()
+    assert "| served-copy (live) |" in report
+    he = next(line for line in report.splitlines() if line.startswith("| HumanEval |"))
+    assert he.count("0.0") >= 2 and "| 67.0 |" in he
+
+
+def test_unreachable_live_endpoint_is_reported_not_fatal(served, tmp_path):
+    from tasks.config import EvaluateConfig, LiveConfig
+    from tasks.evaluate import run_live
+
+    model, _ = served
+    cfg = EvaluateConfig(
+        model_dir=str(model),
+        humaneval_limit=1,
+        allow_code_execution=False,
+        max_length=4096,
+        live=LiveConfig(base_url=f"http://127.0.0.1:{free_port()}/v1", model="x"),
+    )
+    out = run_live(cfg, log=lambda m: None)
+    assert out["status"].startswith("not run:")
