@@ -13,6 +13,7 @@ import gzip
 import hashlib
 import io
 import json
+import os
 import shutil
 import sysconfig
 import tarfile
@@ -249,6 +250,15 @@ def build_bundle(p: Params, mlflow_run_id: str, out_root: str | None = None) -> 
     lineage = {"git_commit": git_commit(), "mlflow_run_id": mlflow_run_id, "dvc": dvc_lineage()}
     root = Path(out_root or cfg.out_dir)
     final = root / f"{cfg.name}-{cfg.version}"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f".write-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ReleaseError(
+            f"cannot write the release to {root} ({exc.strerror}); set release.out_dir to a writable folder"
+        ) from exc
     with atomic_dir(final) as tmp:
         for f in MODEL_FILES:
             shutil.copy2(Path(cfg.model_dir) / f, tmp / f)

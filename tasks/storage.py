@@ -83,6 +83,10 @@ def explain_s3_error(exc: Exception, uri: str) -> StorageError:
                 f"{uri}: access denied ({code}); check the credentials and the bucket policy"
             )
         return StorageError(f"{uri}: S3 error {code}: {exc}")
+    if "NoSuchBucket" in str(exc):  # boto3's managed transfers wrap the ClientError
+        return StorageError(f"{uri}: bucket does not exist (NoSuchBucket); check the URI")
+    if "AccessDenied" in str(exc) or "InvalidAccessKeyId" in str(exc):
+        return StorageError(f"{uri}: access denied; check the credentials and the bucket policy")
     return StorageError(f"{uri}: {type(exc).__name__}: {exc}")
 
 

@@ -52,6 +52,8 @@ def write_params(dst: Path, corpus: str) -> None:
     params["data"]["sources"] = [{"uri": corpus, "name": "fixture", "license": "CC0-1.0"}]
     params["data"]["min_chars"] = 50
     params["tokenize"]["vocab_size"] = 512
+    # A few held-out documents, so the eval gate can measure.
+    params["tokenize"]["val_fraction"] = 0.3
     params["train"].update(
         n_layer=2,
         n_head=4,

@@ -267,3 +267,22 @@ def test_failed_gate_is_refused_unless_overridden(inputs, tmp_path):
         "run-1",
     )
     assert "Released despite a failed evaluation gate" in (bundle / "README.md").read_text()
+
+
+def test_unwritable_destination_gives_a_clear_error(inputs, tmp_path):
+    root, data = inputs
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ReleaseError, match="cannot write the release to .*release.out_dir"):
+        build_bundle(params(root, data, str(blocker / "sub")), "run-1")
+
+
+def test_missing_bucket_upload_fails_clearly_and_leaves_nothing(inputs, tmp_path, s3_server):
+    from tasks.release import upload
+    from tasks.storage import StorageError
+
+    root, data = inputs
+    bundle = build_bundle(params(root, data, str(tmp_path)), "run-1")
+    tarball = build_tarball(bundle)
+    with pytest.raises(StorageError, match="does not exist"):
+        upload(bundle, tarball, "s3://no-such-release-bucket/x")
