@@ -52,9 +52,7 @@ def main() -> None:
 
     prompts = [p["prompt"] for p in list(read_problems().values())[: args.prompts]]
     tok = AutoTokenizer.from_pretrained(cfg.model_dir, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(
-        cfg.model_dir, local_files_only=True, torch_dtype=torch.float32
-    ).eval()
+    model = AutoModelForCausalLM.from_pretrained(cfg.model_dir, local_files_only=True).eval()
     t = time.perf_counter()
     with torch.no_grad():
         for p in prompts:

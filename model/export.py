@@ -110,9 +110,7 @@ def compare_with_transformers(
     ours = Llama(cfg)
     ours.load_state_dict({k: v.float() for k, v in state.items()})
     ours.eval()
-    hf = LlamaForCausalLM.from_pretrained(
-        str(folder), torch_dtype=torch.float32, local_files_only=True
-    )
+    hf = LlamaForCausalLM.from_pretrained(str(folder), local_files_only=True)
     hf.eval()
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(0, cfg.vocab_size, (2, min(64, cfg.max_seq_len)), generator=g)

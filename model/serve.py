@@ -27,7 +27,7 @@ class Engine:
 
         self.tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
         self.model = AutoModelForCausalLM.from_pretrained(
-            model_dir, local_files_only=True, trust_remote_code=False, torch_dtype=torch.float32
+            model_dir, local_files_only=True, trust_remote_code=False
         )
         self.model.eval()
         self.name = model_dir

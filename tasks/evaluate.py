@@ -168,9 +168,7 @@ def heldout_perplexity(cfg: EvaluateConfig) -> dict:
     val = index["splits"]["val"]
     if val["tokens"] < 2:
         return {"status": "not run: no validation tokens"}
-    model = AutoModelForCausalLM.from_pretrained(
-        cfg.model_dir, local_files_only=True, torch_dtype=torch.float32
-    )
+    model = AutoModelForCausalLM.from_pretrained(cfg.model_dir, local_files_only=True)
     model.eval()
     seq = int(model.config.max_position_embeddings)
     stream = np.concatenate(

@@ -3,6 +3,7 @@ server per test session, started on first use and stopped at the end."""
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
@@ -42,34 +43,44 @@ def wait_http(
     raise RuntimeError(f"{url} did not answer within {timeout}s")
 
 
+@contextlib.contextmanager
+def running_server(
+    cmd: list[str], health_url: str, log: Path, env: dict | None = None, timeout: float = 180
+):
+    """Start a real server process, wait until ``health_url`` answers, stop it afterwards."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_http(health_url, timeout, proc, log)
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 @pytest.fixture(scope="session")
 def prefect_server(tmp_path_factory):
     """A real `prefect server` on 127.0.0.1 for the whole session; PREFECT_API_URL points at it."""
     home = tmp_path_factory.mktemp("prefect-home")
     port = free_port()
-    log = home / "server.log"
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     env.pop("PREFECT_API_URL", None)
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "prefect",
-                "server",
-                "start",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-            ],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
     url = f"http://127.0.0.1:{port}/api"
-    try:
-        wait_http(f"{url}/health", 180, proc, log)
+    cmd = [
+        sys.executable,
+        "-m",
+        "prefect",
+        "server",
+        "start",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+    with running_server(cmd, f"{url}/health", home / "server.log", env):
         old = {k: os.environ.get(k) for k in ("PREFECT_API_URL", "PREFECT_HOME")}
         os.environ["PREFECT_API_URL"] = url
         os.environ["PREFECT_HOME"] = str(home)
@@ -79,12 +90,6 @@ def prefect_server(tmp_path_factory):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ import yaml
 
 from tasks.config import params_from_dict
 from tasks.release import ReleaseError, build_bundle, build_tarball, register, safe_extract, verify
-from tests.conftest import REPO, free_port, wait_http
+from tests.conftest import REPO, free_port, running_server
 
 pytestmark = pytest.mark.integration
 CANARY_ENV = "canary-env-7f3a9c"
@@ -178,34 +178,24 @@ def test_upload_to_s3_download_and_verify(inputs, tmp_path, s3_server):
 def mlflow_server(tmp_path_factory):
     root = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
-    log = root / "server.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "mlflow",
-                "server",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--backend-store-uri",
-                f"sqlite:///{root / 'mlflow.db'}",
-                "--default-artifact-root",
-                str(root / "artifacts"),
-                "--workers",
-                "1",
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        wait_http(f"http://127.0.0.1:{port}/health", 120, proc, log)
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--backend-store-uri",
+        f"sqlite:///{root / 'mlflow.db'}",
+        "--default-artifact-root",
+        str(root / "artifacts"),
+        "--workers",
+        "1",
+    ]
+    with running_server(cmd, f"http://127.0.0.1:{port}/health", root / "server.log", timeout=120):
         yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(30)
 
 
 def test_registry_has_version_and_aliases_on_a_server(inputs, tmp_path, mlflow_server, monkeypatch):

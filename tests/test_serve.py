@@ -1,13 +1,12 @@
 """model.serve for real: lm-eval's local-completions against it gives the direct scores."""
 
 import json
-import subprocess
 import sys
 import urllib.request
 
 import pytest
 
-from tests.conftest import REPO, free_port, wait_http
+from tests.conftest import free_port, running_server
 
 pytestmark = pytest.mark.integration
 
@@ -22,20 +21,9 @@ def served(tmp_path_factory):
     run_train(params_file(root / "t", data, max_steps=4))
     model = root / "t" / "hf"
     port = free_port()
-    log = root / "serve.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "model.serve", "--model", str(model), "--port", str(port)],
-            cwd=REPO,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        wait_http(f"http://127.0.0.1:{port}/v1/models", 120, proc, log)
+    cmd = [sys.executable, "-m", "model.serve", "--model", str(model), "--port", str(port)]
+    with running_server(cmd, f"http://127.0.0.1:{port}/v1/models", root / "serve.log", timeout=120):
         yield model, f"http://127.0.0.1:{port}/v1"
-    finally:
-        proc.terminate()
-        proc.wait(30)
 
 
 def post(url, body):
