@@ -290,3 +290,73 @@ def test_train_flow_end_to_end_within_a_minute(prefect_server, mlflow_sqlite, tm
         prefect_server, "/artifacts/filter", {"artifacts": {"key": {"any_": ["train-summary"]}}}
     )
     assert arts and "tokens_per_s" in arts[0]["data"]
+
+
+def test_deployment_runs_through_a_real_worker(prefect_server, mlflow_sqlite, tmp_path):
+    """prefect.yaml -> `prefect deploy` -> a process worker -> `prefect deployment run`, as a user would."""
+    make_corpus(tmp_path / "corpus")
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["data"].update(
+        sources=[{"uri": str(tmp_path / "corpus"), "name": "fixture"}],
+        min_chars=50,
+        out_dir=str(tmp_path / "clean"),
+        metrics_file=str(tmp_path / "m.json"),
+    )
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {**os.environ, "LLMFORGE_HOME": str(REPO), "PREFECT_API_URL": prefect_server}
+    prefect = [sys.executable, "-m", "prefect"]
+    subprocess.run(
+        [*prefect, "work-pool", "create", "llmforge", "--type", "process"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        timeout=120,
+    )
+    dep = subprocess.run(
+        [*prefect, "--no-prompt", "deploy", "--all"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert dep.returncode == 0, dep.stdout[-2000:] + dep.stderr[-2000:]
+    worker = subprocess.Popen(
+        [*prefect, "worker", "start", "--pool", "llmforge"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        run = subprocess.run(
+            [
+                *prefect,
+                "deployment",
+                "run",
+                "ingest/ingest",
+                "--param",
+                f"params_file={tmp_path / 'params.yaml'}",
+            ],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert run.returncode == 0, run.stderr[-2000:]
+        deadline = time.monotonic() + 300
+        state = None
+        while time.monotonic() < deadline:
+            runs = api(
+                prefect_server, "/flow_runs/filter", {"deployments": {"name": {"any_": ["ingest"]}}}
+            )
+            state = runs[0]["state_type"] if runs else None
+            if state in ("COMPLETED", "FAILED", "CRASHED"):
+                break
+            time.sleep(2)
+        assert state == "COMPLETED", state
+        assert json.loads((tmp_path / "m.json").read_text())["docs_out"] == 9
+    finally:
+        worker.terminate()
+        worker.wait(30)
