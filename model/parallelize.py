@@ -40,7 +40,3 @@ def parallelize(
 
         return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     return model
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") and not hasattr(model, "layers") else model

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -220,7 +221,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
         for micro in range(accum):
             x, y = (t.to(d.device) for t in train_data.next())
             sync = micro == accum - 1 or not hasattr(model, "no_sync")
-            ctx = model.no_sync() if not sync else _null()
+            ctx = model.no_sync() if not sync else contextlib.nullcontext()
             with ctx, autocast:
                 _, loss = model(x, y)
                 if cfg.debug_nan_at_step == step:
@@ -290,11 +291,3 @@ def train(cfg: TrainConfig, log=print) -> dict:
         "history": history,
         "steps": step,
     }
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False

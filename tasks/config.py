@@ -91,6 +91,27 @@ class DataConfig(Section):
         return self
 
 
+# GPT-4's (cl100k) pre-tokenisation pattern as OpenAI publishes it: words with their leading space
+# or punctuation, numbers in groups of up to 3, punctuation runs, newline runs, other whitespace.
+GPT4_SPLIT_PATTERN = (
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
+    r"""|\s*[\r\n]|\s+(?!\S)|\s+"""
+)
+# The same splits on every input (tests/test_tokenize.py checks it against the original), written
+# for tiktoken's regex engine (fancy-regex), which runs any part without look-around on the
+# regex crate's automata and the rest on a slower backtracking VM:
+# - the possessive `?+` and `++` become `?` and `+`: the optional class excludes letters and the
+#   repeated class excludes \r\n, so backtracking into them can never produce another match;
+# - the five alternatives before the look-ahead are grouped, so the VM hands them to the automata
+#   in one call instead of trying them one by one;
+# - the final `\s+` becomes `\s`: it is reached only by a single whitespace character before a
+#   non-space (any longer run is taken by `\s+(?!\S)`).
+SPLIT_PATTERN = (
+    r"""(?:'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n])|\s+(?!\S)|\s"""
+)
+
+
 class TokenizeConfig(Section):
     """The tokenize stage: data/clean -> a byte-level BPE tokenizer and packed token shards."""
 
@@ -107,11 +128,9 @@ class TokenizeConfig(Section):
     extra_special_tokens: list[str] = Field(
         default_factory=lambda: ["<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>"]
     )
-    # Pre-tokenisation: GPT-4's split pattern (numbers in groups of up to 3, code-friendly).
-    split_pattern: str = (
-        r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
-        r"""|\s*[\r\n]|\s+(?!\S)|\s+"""
-    )
+    # Pre-tokenisation: GPT-4's split pattern, in the form that splits identically but runs twice
+    # as fast in tiktoken (see SPLIT_PATTERN above).
+    split_pattern: str = SPLIT_PATTERN
     train_max_bytes: int | None = Field(default=None, ge=1)  # train on at most this much text
     val_fraction: float = Field(
         default=0.05, gt=0, lt=1

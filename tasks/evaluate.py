@@ -45,13 +45,15 @@ def humaneval_dataset(**_):
     return datasets.DatasetDict({"test": datasets.Dataset.from_list(problems)})
 
 
-_SANDBOX = {"timeout_s": 10.0, "memory_mb": 512}
+def sandboxed_pass_at_1(timeout_s: float = 10.0, memory_mb: int = 512):
+    """lm-eval metric: 1.0 when the program (prompt + completion) passes the problem's tests in
+    the sandbox, under these limits. lm-eval names the metric after the function."""
 
+    def pass_at_1(references: list[str], predictions: list[list[str]], **_) -> float:
+        program = predictions[0][0] + "\n\n" + references[0] + "\n"
+        return 1.0 if run_python(program, timeout_s, memory_mb).passed else 0.0
 
-def pass_at_1(references: list[str], predictions: list[list[str]], **_) -> float:
-    """1.0 when the program (prompt + completion) passes the problem's tests in the sandbox."""
-    program = predictions[0][0] + "\n\n" + references[0] + "\n"
-    return 1.0 if run_python(program, _SANDBOX["timeout_s"], _SANDBOX["memory_mb"]).passed else 0.0
+    return pass_at_1
 
 
 def build_programs(resps: list[list[str]], docs: list[dict]) -> list[list[str]]:
@@ -71,7 +73,13 @@ def humaneval_tasks(cfg: EvaluateConfig) -> list[dict]:
         "test_split": "test",
         "doc_to_text": "{{prompt}}",
         "doc_to_target": "{{test}}\ncheck({{entry_point}})",
-        "metric_list": [{"metric": pass_at_1, "aggregation": "mean", "higher_is_better": True}],
+        "metric_list": [
+            {
+                "metric": sandboxed_pass_at_1(cfg.sandbox_timeout_s, cfg.sandbox_memory_mb),
+                "aggregation": "mean",
+                "higher_is_better": True,
+            }
+        ],
         "generation_kwargs": {
             "until": ["\nclass", "\ndef", "\n#", "\nif", "\nprint"],
             "max_gen_toks": cfg.max_gen_toks,
@@ -212,7 +220,6 @@ def run_evaluate(cfg: EvaluateConfig, log=print) -> dict:
         raise EvaluateError(
             f"no model in {cfg.model_dir}: run the train stage first (python -m flows.train)"
         )
-    _SANDBOX.update(timeout_s=cfg.sandbox_timeout_s, memory_mb=cfg.sandbox_memory_mb)
     results: dict = {"model_dir": cfg.model_dir, "benchmarks": {}, "samples": []}
     b = results["benchmarks"]
 

@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import IO
 
 
 def _umask() -> int:
@@ -121,25 +120,6 @@ def read_bytes(uri: str, client=None) -> bytes:
         except Exception as exc:
             raise explain_s3_error(exc, uri) from exc
     return Path(uri).read_bytes()
-
-
-@contextlib.contextmanager
-def open_stream(uri: str, client=None) -> Iterator[IO[bytes]]:
-    """A binary stream: a local file, or an S3 object body streamed without loading it whole."""
-    if is_s3(uri):
-        bucket, key = split_s3(uri)
-        client = client or s3_client()
-        try:
-            body = client.get_object(Bucket=bucket, Key=key)["Body"]
-        except Exception as exc:
-            raise explain_s3_error(exc, uri) from exc
-        try:
-            yield body
-        finally:
-            body.close()
-    else:
-        with open(uri, "rb") as f:
-            yield f
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

@@ -12,7 +12,6 @@ plus ``index.json``.
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 import time
@@ -184,13 +183,32 @@ def _load(spec: EncoderSpec, pat_str: str):
     return tok
 
 
-def encode_batch(
-    spec: EncoderSpec, cfg: TokenizeConfig, texts: list[str], threads: int = 1
-) -> list[list[int]]:
+def encode_batch(spec: EncoderSpec, cfg: TokenizeConfig, texts: list[str]) -> list[np.ndarray]:
+    """Each text's ids (uint32 arrays; special tokens are never produced from text).
+
+    tiktoken writes the ids straight into a numpy buffer: no Python int per token.
+    """
     enc = _load(spec, cfg.split_pattern)
     if spec.kind == "tiktoken":
-        return enc.encode_ordinary_batch(texts, num_threads=threads)
-    return [e.ids for e in enc.encode_batch(texts, add_special_tokens=False)]
+        return [_tiktoken_ids(enc, t) for t in texts]
+    return [np.array(e.ids, np.uint32) for e in enc.encode_batch(texts, add_special_tokens=False)]
+
+
+def _tiktoken_ids(enc, text: str) -> np.ndarray:
+    try:
+        return enc.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
+    except UnicodeEncodeError:
+        # Lone surrogates have no UTF-8 form: tiktoken's own encode() replaces them with U+FFFD;
+        # do the same here and let the round-trip check count the document.
+        fixed = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+        return enc.encode_to_numpy(fixed, allowed_special=set(), disallowed_special=())
+
+
+def decode_bytes(spec: EncoderSpec, cfg: TokenizeConfig, ids: np.ndarray) -> bytes:
+    enc = _load(spec, cfg.split_pattern)
+    if spec.kind == "tiktoken":
+        return enc.decode_bytes(ids.tolist())
+    return enc.decode(ids.tolist(), skip_special_tokens=False).encode("utf-8", "surrogatepass")
 
 
 def choose_encoder(tokenizer_json: str, cfg: TokenizeConfig) -> tuple[EncoderSpec, str]:
@@ -208,7 +226,7 @@ def choose_encoder(tokenizer_json: str, cfg: TokenizeConfig) -> tuple[EncoderSpe
         return reference, f"tiktoken could not be built or run ({type(exc).__name__}: {exc})"
     want = encode_batch(reference, cfg, sample)
     for i, (a, b) in enumerate(zip(got, want, strict=True)):
-        if a != b:
+        if not np.array_equal(a, b):
             return (
                 reference,
                 f"tiktoken differs from tokenizers on sample document {i}; using tokenizers",
@@ -241,56 +259,38 @@ def encode_part(
     """Encode one parquet part into ``out_dir/{train,val}/<part>.bin``."""
     table = pq.read_table(part, columns=["id", "text"])
     ids, texts = table.column("id").to_pylist(), table.column("text").to_pylist()
-    dtype = token_dtype(vocab_size)
-    name = Path(part).stem + ".bin"
-    res = PartResult(
-        name,
-        {"train": 0, "val": 0},
-        {"train": 0, "val": 0},
-        {"train": 0, "val": 0},
-        0,
-        np.zeros(vocab_size, dtype=np.int64),
-    )
     split_of = ["val" if is_val(i, cfg.val_fraction) else "train" for i in ids]
-    # Millions of small int lists would trigger Python's cyclic GC over and over; none of them
-    # can form a cycle, so collection is paused while this part is encoded and packed.
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        return _encode_and_pack(texts, split_of, spec, cfg, res, dtype, out_dir, vocab_size, eos_id)
-    finally:
-        if gc_was_enabled:
-            gc.enable()
+    name = Path(part).stem + ".bin"
+    return pack_texts(name, texts, split_of, spec, cfg, out_dir, vocab_size, eos_id)
 
 
-def _encode_and_pack(
-    texts, split_of, spec, cfg, res, dtype, out_dir, vocab_size, eos_id
+def pack_texts(
+    name: str,
+    texts: list[str],
+    split_of: list[str],
+    spec: EncoderSpec,
+    cfg: TokenizeConfig,
+    out_dir: str,
+    vocab_size: int,
+    eos_id: int,
 ) -> PartResult:
-    name = res.name
-    encoded = encode_batch(spec, cfg, texts)
-    enc = _load(spec, cfg.split_pattern)
-    if spec.kind == "tiktoken":
-        decode = enc.decode_bytes
-    else:
-
-        def decode(toks):
-            return enc.decode(toks, skip_special_tokens=False).encode("utf-8", "surrogatepass")
-
-    flat: dict[str, list[int]] = {"train": [], "val": []}
-    for text, toks, split in zip(texts, encoded, split_of, strict=True):
+    """Encode ``texts``, append EOS to each, check each round-trips, write ``out_dir/<split>/name``."""
+    zero = {"train": 0, "val": 0}
+    res = PartResult(name, dict(zero), dict(zero), dict(zero), 0, np.zeros(vocab_size, np.int64))
+    eos = np.array([eos_id], np.uint32)
+    pieces: dict[str, list[np.ndarray]] = {"train": [], "val": []}
+    for text, ids, split in zip(texts, encode_batch(spec, cfg, texts), split_of, strict=True):
         data = text.encode("utf-8", "surrogatepass")
-        if decode(toks) != data:
+        if decode_bytes(spec, cfg, ids) != data:
             res.not_round_trip += 1
-        out = flat[split]
-        out += toks
-        out.append(eos_id)
+        pieces[split] += (ids, eos)
         res.docs[split] += 1
         res.bytes[split] += len(data)
-    for split, tokens in flat.items():
-        arr = np.array(tokens, dtype=dtype)
+    for split, chunks in pieces.items():
+        arr = np.concatenate(chunks or [np.zeros(0, np.uint32)]).astype(token_dtype(vocab_size))
         res.tokens[split] = len(arr)
         res.counts += np.bincount(arr, minlength=vocab_size)[:vocab_size]
-        path = Path(out_dir) / split / name
+        path = Path(out_dir) / split / res.name
         path.parent.mkdir(parents=True, exist_ok=True)
         arr.tofile(path)
     return res

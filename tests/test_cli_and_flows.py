@@ -236,33 +236,22 @@ def test_dvc_repro_then_noop_and_pipeline_flow_gives_same_lock(
 
 def test_train_flow_end_to_end_within_a_minute(prefect_server, mlflow_sqlite, tmp_path):
     from tests.conftest import build_tokens
+    from tests.test_train import params_file
 
     data = build_tokens(tmp_path)
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["train"].update(
-        tokens_dir=str(data / "tokens"),
-        tokenizer_dir=str(data / "tokenizer"),
-        ckpt_dir=str(tmp_path / "ckpt"),
-        export_dir=str(tmp_path / "hf"),
-        log_file=str(tmp_path / "log.jsonl"),
-        metrics_file=str(tmp_path / "train.json"),
-        plot_file=str(tmp_path / "loss.csv"),
-        n_layer=2,
-        d_model=64,
-        n_head=4,
-        n_kv_head=2,
+    params = params_file(
+        tmp_path,
+        data,
         seq_len=64,
-        micro_batch=4,
         global_batch_tokens=512,
         max_steps=10,
         log_every=2,
         eval_every=5,
         ckpt_every=5,
     )
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     t0 = time.monotonic()
     out = subprocess.run(
-        [sys.executable, "-m", "flows.train", "--params", str(tmp_path / "params.yaml")],
+        [sys.executable, "-m", "flows.train", "--params", str(params)],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from tasks.config import ConfigError, load_params, params_from_dict
@@ -55,3 +57,20 @@ def test_cross_field_check():
 def test_missing_params_file(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_params(tmp_path / "nope.yaml")
+
+
+def test_params_yaml_shows_every_parameter():
+    """DVC tracks what params.yaml says, not the defaults in tasks/config.py: a parameter missing
+    from the file could change without `dvc repro` noticing. Only optional blocks may be absent."""
+    import yaml
+
+    raw = yaml.safe_load(Path("params.yaml").read_text())
+    params = load_params("params.yaml")
+    for section, value in raw.items():
+        model = getattr(params, section)
+        missing = [
+            name
+            for name, field in type(model).model_fields.items()
+            if name not in value and field.default is not None
+        ]
+        assert not missing, f"{section}: {missing} not in params.yaml"

