@@ -14,7 +14,9 @@ from tasks.config import load_params
 from tasks.evaluate import run_evaluate, write_report
 
 
-@flow(name="evaluate")  # no log_prints: lm-eval and datasets print internals
+# log_prints off, explicitly: a subflow inherits the pipeline's True, and then the dis() output
+# that dill captures from stdout (datasets fingerprints lm-eval's tasks) would fill the run log.
+@flow(name="evaluate", log_prints=False)
 def evaluate(params_file: str = "params.yaml", overrides: list[str] | None = None) -> dict:
     params = load_params(params_file, overrides or [])
     cfg, log = params.evaluate, get_run_logger()

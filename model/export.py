@@ -83,7 +83,9 @@ def export(
             "eos_token_id": eos,
             "pad_token_id": pad,
             "do_sample": False,
-            "max_new_tokens": 256,
+            # The context length, as Llama's own generation_config sets it: a max_new_tokens here
+            # would clash with every caller that passes max_length (lm-eval does) and warn.
+            "max_length": cfg.max_seq_len,
         }
         (tmp / "generation_config.json").write_text(
             json.dumps(gen, indent=2, sort_keys=True) + "\n"

@@ -10,7 +10,9 @@ otherwise reported as not run, never invented.
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -33,6 +35,17 @@ STANDARD = {  # lm-eval task, GPT-4's shot count, the metric to report
 
 class EvaluateError(RuntimeError):
     pass
+
+
+class _NoMetadataAdvice(logging.Filter):
+    """lm-eval warns for every task with a custom dataset that kwargs can be passed with its CLI's
+    ``--metadata``: advice for lm-eval's command line that means nothing to a user of this stage."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "can be passed to `--metadata`" not in record.getMessage()
+
+
+logging.getLogger("lm_eval.api.task").addFilter(_NoMetadataAdvice())
 
 
 def humaneval_dataset(**_):
@@ -130,6 +143,7 @@ def lm_eval_run(
             "max_length": cfg.max_length,
         },
         tasks=tasks,
+        task_manager=task_manager(),
         num_fewshot=num_fewshot,
         batch_size=cfg.batch_size,
         limit=limit,
@@ -150,11 +164,20 @@ def _metric(res: dict, task: str, name: str) -> tuple[float, float | None]:
     return float(r[key]), (float(err) if isinstance(err, int | float) else None)
 
 
+@functools.lru_cache(maxsize=1)
+def task_manager():
+    """lm-eval's task index, built once per process: building it reads every task YAML that
+    lm-eval ships (8-12 s here), and simple_evaluate would otherwise build one per call."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager()
+
+
 def dataset_available(task: str) -> None:
     """Build the lm-eval task (which loads its dataset); raises when the dataset cannot be had."""
-    from lm_eval.tasks import TaskManager, get_task_dict
+    from lm_eval.tasks import get_task_dict
 
-    get_task_dict([task], TaskManager())
+    get_task_dict([task], task_manager())
 
 
 def uniform_bpb(model_dir: str, texts: list[str]) -> float:
@@ -329,6 +352,7 @@ def run_live(cfg: EvaluateConfig, log=print) -> dict:
             model="local-chat-completions" if live.api == "chat" else "local-completions",
             model_args=args,
             tasks=tasks,
+            task_manager=task_manager(),
             num_fewshot=0,
             limit=cfg.humaneval_limit,
             confirm_run_unsafe_code=cfg.allow_code_execution,

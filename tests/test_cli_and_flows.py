@@ -199,6 +199,10 @@ def test_dvc_repro_then_noop_and_pipeline_flow_gives_same_lock(
         [sys.executable, "-m", "flows.pipeline"], cwd=b, capture_output=True, text=True, timeout=900
     )
     assert out.returncode == 0, out.stderr[-3000:]
+    # The run log carries the stages' messages, not library internals leaked through print()
+    # (dill's captured dis() output, inherited log_prints) or transformers' generation warnings.
+    assert "LOAD_GLOBAL" not in out.stdout + out.stderr
+    assert "max_new_tokens" not in out.stdout + out.stderr
     # Same outputs from both entry points. Training timings (tokens/s, MFU, wall time) and DCP's
     # checkpoint metadata differ from run to run by nature; the weights and losses must not.
     # The release names the MLflow run it came from, which differs between the two executions.

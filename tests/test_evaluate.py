@@ -82,6 +82,15 @@ def test_full_stage_offline_on_a_tiny_trained_model(prefect_server, mlflow_sqlit
     assert b["humaneval_bpb"]["uniform_baseline"] > b["humaneval_bpb"]["score"] * 0.5
     assert b["val_perplexity"]["status"] == "ran" and b["val_perplexity"]["loss"] > 0
     assert "passed" in results["gate"]
-    samples = (tmp_path / "eval" / "samples.jsonl").read_text().splitlines()
-    assert len(samples) == 3 and all("completion" in json.loads(s) for s in samples)
+    samples = [
+        json.loads(s) for s in (tmp_path / "eval" / "samples.jsonl").read_text().splitlines()
+    ]
+    assert len(samples) == 3
+    # evaluate.max_gen_toks is what bounds a completion (the exported generation_config must not
+    # override it); a completion can stop earlier at a stop sequence, never later.
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "t" / "hf"), local_files_only=True)
+    lengths = [len(tok(s["completion"], add_special_tokens=False)["input_ids"]) for s in samples]
+    assert max(lengths) <= 16 + 1, lengths  # +1: re-encoding the decoded text may split a token
     assert (tmp_path / "eval" / "comparison.png").stat().st_size > 1000
