@@ -6,12 +6,12 @@ import sys
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
-from prefect.task_runners import ProcessPoolTaskRunner
 
 from flows.cli import run_cli
 from tasks import tracking
 from tasks.config import Params
 from tasks.ingest import card_markdown, finalize_task, plan_task, shard_task
+from tasks.runners import describe, task_runner
 
 
 @flow(name="ingest", log_prints=True)
@@ -23,12 +23,12 @@ def ingest(params_file: str = "params.yaml", overrides: list[str] | None = None)
     with tracking.stage_run("ingest", params, "data") as run:
         shards = plan_task(cfg)
         log.info(
-            "%d input item(s) in %d shard(s), %d worker process(es)",
+            "%d input item(s) in %d shard(s), %s",
             sum(map(len, shards)),
             len(shards),
-            cfg.workers,
+            describe(params.infra, cfg.workers),
         )
-        with ProcessPoolTaskRunner(max_workers=cfg.workers) as runner:
+        with task_runner(params.infra, cfg.workers) as runner:
             futures = [runner.submit(shard_task, {"items": s, "cfg": cfg}) for s in shards]
             results = [f.result() for f in futures]
         summary = finalize_task(results, cfg)

@@ -6,11 +6,11 @@ import sys
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
-from prefect.task_runners import ProcessPoolTaskRunner
 
 from flows.cli import run_cli
 from tasks import tracking
 from tasks.config import load_params
+from tasks.runners import task_runner
 from tasks.tokenize import encode_part_task, run_tokenize
 
 
@@ -19,7 +19,7 @@ def tokenize(params_file: str = "params.yaml", overrides: list[str] | None = Non
     params = load_params(params_file, overrides or [])
     cfg, log = params.tokenize, get_run_logger()
     with tracking.stage_run("tokenize", params, "tokenize") as run:
-        with ProcessPoolTaskRunner(max_workers=cfg.workers) as runner:
+        with task_runner(params.infra, cfg.workers) as runner:
 
             def parallel_map(fn, kwargs_list):  # one encode-part task per parquet part
                 return [

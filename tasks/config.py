@@ -287,6 +287,11 @@ class InfraConfig(Section):
     s3_endpoint_url: str | None = None
     s3_region: str = "us-east-1"
     s3_max_attempts: int = Field(default=5, ge=1)
+    # Where the per-shard tasks of ingest and tokenize run: a local process pool, or Dask (a
+    # running scheduler at dask_address, else a local Dask cluster on 127.0.0.1). The same code
+    # either way; a remote cluster's workers need this repo's environment and the data paths.
+    task_runner: Literal["process", "dask"] = "process"
+    dask_address: str | None = None  # e.g. tcp://scheduler:8786
 
 
 class Params(Section):

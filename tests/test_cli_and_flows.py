@@ -128,6 +128,68 @@ def test_ingest_flow_on_prefect_server_with_artifact_and_mlflow(
     assert "card.json" in [a.path for a in client.list_artifacts(df["run_id"].iloc[0])]
 
 
+def test_ingest_and_tokenize_on_a_local_dask_cluster(prefect_server, mlflow_sqlite, tmp_path):
+    """infra.task_runner=dask: the same Prefect tasks, run by Dask workers (scheduler and workers
+    on 127.0.0.1), write the same bytes as the stage logic run in this process."""
+    from tasks.config import load_params
+    from tasks.ingest import finalize, plan_shards, process_shard
+    from tasks.tokenize import run_tokenize
+
+    make_corpus(tmp_path / "corpus")
+    write_params(tmp_path, str(tmp_path / "corpus"))
+
+    def dirs(name: str) -> list[str]:
+        d = tmp_path / name
+        return [
+            f"data.out_dir={d}/clean",
+            f"data.metrics_file={d}/ingest.json",
+            f"tokenize.in_dir={d}/clean",
+            f"tokenize.tokenizer_dir={d}/tokenizer",
+            f"tokenize.tokens_dir={d}/tokens",
+            f"tokenize.metrics_file={d}/tokenize.json",
+            "data.shard_docs=3",  # several shards and parts, so several tasks per stage
+            "data.part_max_bytes=3000",
+        ]
+
+    params = str(tmp_path / "params.yaml")
+    logs = ""
+    for stage in ("ingest", "tokenize"):
+        out = subprocess.run(
+            [sys.executable, "-m", f"flows.{stage}", "--params", params, "infra.task_runner=dask"]
+            + dirs("dask"),
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        logs += out.stdout + out.stderr
+    assert "local Dask, 2 workers" in logs
+    assert (
+        logs.count("Creating a new Dask cluster with `distributed.deploy.local.LocalCluster`") == 2
+    )
+    assert "distributed.core" not in logs  # Dask's connection chatter stays out of the run log
+
+    ref = load_params(params, dirs("ref"))
+    finalize([process_shard(s, ref.data) for s in plan_shards(ref.data)], ref.data)
+    run_tokenize(ref.tokenize, log=lambda m: None)
+    files = sorted(
+        p.relative_to(tmp_path / "ref")
+        for p in (tmp_path / "ref").rglob("*")
+        if p.is_file() and p.parent.name != "ref"
+    )
+    assert len([f for f in files if f.suffix == ".parquet"]) > 1
+    assert len([f for f in files if f.suffix == ".bin"]) > 2
+    for f in files:
+        assert (tmp_path / "dask" / f).read_bytes() == (tmp_path / "ref" / f).read_bytes(), f
+
+    tasks = api(prefect_server, "/task_runs/filter")
+    done = [
+        t for t in tasks if t["name"].startswith("encode-part") and t["state_type"] == "COMPLETED"
+    ]
+    assert len(done) == len([f for f in files if f.suffix == ".parquet"])
+
+
 def repo_copy(dst: Path) -> Path:
     files = subprocess.run(
         ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
