@@ -96,6 +96,18 @@ class Engine:
         return choice, len(ids), len(gen)
 
 
+def response(prefix: str, kind: str, model: str, choices: list, n_in: int, n_out: int) -> dict:
+    """The OpenAI response envelope around ``choices``, with token usage."""
+    return {
+        "id": f"{prefix}-{time.time_ns()}",
+        "object": kind,
+        "created": int(time.time()),
+        "model": model,
+        "choices": choices,
+        "usage": {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out},
+    }
+
+
 def make_handler(engine: Engine):
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, fmt, *args):  # quiet: one line per request is enough
@@ -146,19 +158,7 @@ def make_handler(engine: Engine):
                         choices.append(c)
                         n_in, n_out = n_in + a, n_out + b
                     return self._send(
-                        200,
-                        {
-                            "id": f"cmpl-{time.time_ns()}",
-                            "object": "text_completion",
-                            "created": int(time.time()),
-                            "model": engine.name,
-                            "choices": choices,
-                            "usage": {
-                                "prompt_tokens": n_in,
-                                "completion_tokens": n_out,
-                                "total_tokens": n_in + n_out,
-                            },
-                        },
+                        200, response("cmpl", "text_completion", engine.name, choices, n_in, n_out)
                     )
                 if self.path.rstrip("/") == "/v1/chat/completions":
                     # No chat template is trained into a base model: the transcript is plain text.
@@ -167,26 +167,13 @@ def make_handler(engine: Engine):
                         + "assistant:"
                     )
                     c, a, b = engine.complete(prompt, max_tokens, stop, False, None)
+                    choice = {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": c["text"]},
+                        "finish_reason": c["finish_reason"],
+                    }
                     return self._send(
-                        200,
-                        {
-                            "id": f"chatcmpl-{time.time_ns()}",
-                            "object": "chat.completion",
-                            "created": int(time.time()),
-                            "model": engine.name,
-                            "choices": [
-                                {
-                                    "index": 0,
-                                    "message": {"role": "assistant", "content": c["text"]},
-                                    "finish_reason": c["finish_reason"],
-                                }
-                            ],
-                            "usage": {
-                                "prompt_tokens": a,
-                                "completion_tokens": b,
-                                "total_tokens": a + b,
-                            },
-                        },
+                        200, response("chatcmpl", "chat.completion", engine.name, [choice], a, b)
                     )
             except Exception as exc:  # a bad request must not take the server down
                 return self._send(400, {"error": {"message": f"{type(exc).__name__}: {exc}"}})

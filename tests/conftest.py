@@ -298,3 +298,28 @@ def build_tokens(root: Path, vocab_size: int = 512, stdlib_docs: int = 60) -> Pa
     )
     run_tokenize(tcfg, log=lambda m: None)
     return root / "data"
+
+
+def eval_fields(model_dir: Path, data: Path, out_dir: Path) -> dict:
+    """The evaluate params pointing at a tiny model trained on ``build_tokens``'s ``data``."""
+    return dict(
+        model_dir=str(model_dir),
+        tokens_dir=str(data / "tokens"),
+        data_card=str(data / "clean" / "card.json"),
+        out_dir=str(out_dir),
+        max_length=4096,  # a 512-token vocabulary makes long continuations
+    )
+
+
+def run_flow(
+    *args: str, cwd: Path = REPO, timeout: int = 600, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """``python -m <args>`` (a flow's command line, as a user runs it), output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, make_corpus
+from tests.conftest import REPO, make_corpus, run_flow
 
 pytestmark = pytest.mark.integration
 
@@ -30,11 +30,9 @@ def api(url, path, body=None):
 
 def test_bad_params_fail_before_any_work(tmp_path):
     t0 = time.monotonic()
-    out = subprocess.run(
-        [sys.executable, "-m", "flows.ingest", "data.min_chars=lots"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
+    out = run_flow(
+        "flows.ingest",
+        "data.min_chars=lots",
         timeout=120,
         env={
             **os.environ,
@@ -88,13 +86,7 @@ def test_ingest_flow_on_prefect_server_with_artifact_and_mlflow(
     params["data"]["out_dir"] = str(tmp_path / "clean")
     params["data"]["metrics_file"] = str(tmp_path / "metrics.json")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    out = subprocess.run(
-        [sys.executable, "-m", "flows.ingest", "--params", str(tmp_path / "params.yaml")],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    out = run_flow("flows.ingest", "--params", str(tmp_path / "params.yaml"))
     assert out.returncode == 0, out.stderr[-3000:]
     assert "Starting temporary server" not in out.stderr + out.stdout  # it used the real server
     assert json.loads((tmp_path / "metrics.json").read_text())["docs_out"] == 9
@@ -154,13 +146,8 @@ def test_ingest_and_tokenize_on_a_local_dask_cluster(prefect_server, mlflow_sqli
     params = str(tmp_path / "params.yaml")
     logs = ""
     for stage in ("ingest", "tokenize"):
-        out = subprocess.run(
-            [sys.executable, "-m", f"flows.{stage}", "--params", params, "infra.task_runner=dask"]
-            + dirs("dask"),
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=600,
+        out = run_flow(
+            f"flows.{stage}", "--params", params, "infra.task_runner=dask", *dirs("dask")
         )
         assert out.returncode == 0, out.stderr[-3000:]
         logs += out.stdout + out.stderr
@@ -257,9 +244,7 @@ def test_dvc_repro_then_noop_and_pipeline_flow_gives_same_lock(
     assert "up to date" in dvc(a, "status").stdout
 
     b = repo_copy(tmp_path / "b")
-    out = subprocess.run(
-        [sys.executable, "-m", "flows.pipeline"], cwd=b, capture_output=True, text=True, timeout=900
-    )
+    out = run_flow("flows.pipeline", cwd=b, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     # The run log carries the stages' messages, not library internals leaked through print()
     # (dill's captured dis() output, inherited log_prints) or transformers' generation warnings.
@@ -278,9 +263,7 @@ def test_dvc_repro_then_noop_and_pipeline_flow_gives_same_lock(
         "plots/train_loss.csv" in dict(outs_a["train"])
     )
     assert "up to date" in dvc(b, "status").stdout
-    again = subprocess.run(
-        [sys.executable, "-m", "flows.pipeline"], cwd=b, capture_output=True, text=True, timeout=900
-    )
+    again = run_flow("flows.pipeline", cwd=b, timeout=900)
     assert (
         again.returncode == 0 and "up to date in dvc.lock, skipped" in again.stdout + again.stderr
     )
@@ -316,13 +299,7 @@ def test_train_flow_end_to_end_within_a_minute(prefect_server, mlflow_sqlite, tm
         ckpt_every=5,
     )
     t0 = time.monotonic()
-    out = subprocess.run(
-        [sys.executable, "-m", "flows.train", "--params", str(params)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    out = run_flow("flows.train", "--params", str(params))
     assert out.returncode == 0, out.stderr[-3000:]
     metrics = json.loads((tmp_path / "train.json").read_text())
     assert metrics["steps"] == 10 and metrics["wall_s"] < 60, metrics

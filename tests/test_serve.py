@@ -6,7 +6,7 @@ import urllib.request
 
 import pytest
 
-from tests.conftest import free_port, running_server
+from tests.conftest import eval_fields, free_port, running_server
 
 pytestmark = pytest.mark.integration
 
@@ -92,13 +92,9 @@ def test_live_reference_column_beside_ours(served, tmp_path):
 
     model, base = served
     cfg = EvaluateConfig(
-        model_dir=str(model),
-        tokens_dir=str(model.parent.parent / "d" / "data" / "tokens"),
-        data_card=str(model.parent.parent / "d" / "data" / "clean" / "card.json"),
-        out_dir=str(tmp_path / "eval"),
+        **eval_fields(model, model.parent.parent / "d" / "data", tmp_path / "eval"),
         humaneval_limit=2,
         max_gen_toks=8,
-        max_length=4096,
         standard_benchmarks=[],
         perplexity_max_tokens=512,
         live=LiveConfig(base_url=base, model="llmforge", label="served-copy"),
