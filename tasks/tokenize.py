@@ -13,6 +13,7 @@ plus ``index.json``.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -48,6 +49,11 @@ def parquet_parts(in_dir: str | Path) -> list[Path]:
     return parts
 
 
+def count_docs(parts: Sequence[Path]) -> int:
+    """Documents in the parts, from the parquet footers (no data read)."""
+    return sum(pq.ParquetFile(p).metadata.num_rows for p in parts)
+
+
 def iter_texts(parts: Sequence[Path], max_bytes: int | None = None) -> Iterator[str]:
     """Stream the corpus texts in order, batch by batch (never the whole corpus in memory)."""
     seen = 0
@@ -64,7 +70,7 @@ def train_tokenizer(cfg: TokenizeConfig):
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     parts = parquet_parts(cfg.in_dir)
-    n_docs = sum(pq.ParquetFile(p).metadata.num_rows for p in parts)
+    n_docs = count_docs(parts)
     if n_docs == 0:
         raise TokenizeError(f"the corpus in {cfg.in_dir} is empty: nothing to train a tokenizer on")
     tok = Tokenizer(models.BPE())
@@ -217,9 +223,11 @@ def choose_encoder(tokenizer_json: str, cfg: TokenizeConfig) -> tuple[EncoderSpe
     if not cfg.fast_encoder:
         return reference, "fast encoder disabled (tokenize.fast_encoder: false)"
     fast = EncoderSpec("tiktoken", tokenizer_json)
-    sample = [ROUND_TRIP_PROBE, *iter_texts(parquet_parts(cfg.in_dir))]
-    step = max(1, len(sample) // cfg.check_docs)
-    sample = sample[::step][: cfg.check_docs + 1]
+    # Every step-th document (the probe first), read as a stream that stops once the sample is full.
+    parts = parquet_parts(cfg.in_dir)
+    step = max(1, (1 + count_docs(parts)) // cfg.check_docs)
+    texts = itertools.chain([ROUND_TRIP_PROBE], iter_texts(parts))
+    sample = list(itertools.islice(texts, 0, step * (cfg.check_docs + 1), step))
     try:
         got = encode_batch(fast, cfg, sample)
     except Exception as exc:  # a pattern tiktoken's regex engine rejects, say
