@@ -46,12 +46,27 @@ def shared_ephemeral_server() -> None:
     atexit.register(server.stop)
 
 
-def run_cli(flow_fn, description: str, argv: list[str] | None = None) -> int:
+EXIT_USER_ERROR = 2  # bad params or inputs: the message says what to change
+EXIT_STOPPED = 75  # stopped on request (SIGTERM, preemption) after a checkpoint: rerun to resume
+
+
+def run_cli(flow_fn, description: str, argv: list[str] | None = None, preflight=None) -> int:
+    """Exit status: 0 done, 2 a problem the user can fix (one clear line), 75 stopped (resumable),
+    1 anything else (a traceback). ``preflight(params)`` checks inputs before anything starts."""
+    from tasks.redaction import install_log_redaction
+    from tasks.train import TrainStopped
+
     try:
-        _, args = parse_cli(argv, description)  # fail on bad params before any work starts
+        params, args = parse_cli(argv, description)  # fail on bad params before any work starts
+        if preflight is not None:
+            preflight(params)
+        install_log_redaction()
         shared_ephemeral_server()
         flow_fn(params_file=args.params, overrides=args.overrides)
+    except TrainStopped as exc:
+        print(f"stopped: {exc}", file=sys.stderr)
+        return EXIT_STOPPED
     except user_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     return 0

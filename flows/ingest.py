@@ -12,6 +12,7 @@ from tasks import tracking
 from tasks.config import Params
 from tasks.ingest import card_markdown, finalize_task, plan_task, shard_task
 from tasks.runners import describe, task_runner
+from tasks.storage import S3Settings
 
 
 @flow(name="ingest", log_prints=True)
@@ -21,7 +22,8 @@ def ingest(params_file: str = "params.yaml", overrides: list[str] | None = None)
     params: Params = load_params(params_file, overrides or [])
     cfg, log = params.data, get_run_logger()
     with tracking.stage_run("ingest", params, "data") as run:
-        shards = plan_task(cfg)
+        s3 = S3Settings.from_infra(params.infra)
+        shards = plan_task(cfg, s3)
         log.info(
             "%d input item(s) in %d shard(s), %s",
             sum(map(len, shards)),
@@ -29,7 +31,9 @@ def ingest(params_file: str = "params.yaml", overrides: list[str] | None = None)
             describe(params.infra, cfg.workers),
         )
         with task_runner(params.infra, cfg.workers) as runner:
-            futures = [runner.submit(shard_task, {"items": s, "cfg": cfg}) for s in shards]
+            futures = [
+                runner.submit(shard_task, {"items": s, "cfg": cfg, "s3": s3}) for s in shards
+            ]
             results = [f.result() for f in futures]
         summary = finalize_task(results, cfg)
         tracking.log_stage_outputs(summary.metrics, summary.seconds, {"card.json": summary.card})

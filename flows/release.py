@@ -17,6 +17,7 @@ from flows.cli import run_cli
 from tasks import tracking
 from tasks.config import load_params
 from tasks.release import ReleaseError, build_bundle, build_tarball, register, upload, verify
+from tasks.storage import S3Settings
 
 
 @flow(name="release")
@@ -37,7 +38,9 @@ def release(params_file: str = "params.yaml", overrides: list[str] | None = None
         )
         out = {"bundle": str(bundle), "tarball": str(tarball), "uploaded": [], "registered": None}
         if cfg.s3_uri:
-            out["uploaded"] = upload(bundle, tarball, cfg.s3_uri)
+            out["uploaded"] = upload(
+                bundle, tarball, cfg.s3_uri, S3Settings.from_infra(params.infra)
+            )
             log.info("uploaded %d objects to %s", len(out["uploaded"]), cfg.s3_uri)
         manifest = json.loads((bundle / "manifest.json").read_text())
         if cfg.register_model:

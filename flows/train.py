@@ -13,7 +13,8 @@ from prefect.artifacts import create_markdown_artifact
 from flows.cli import run_cli
 from tasks import tracking
 from tasks.config import load_params
-from tasks.train import log_to_mlflow, run_torchrun, torchrun_command
+from tasks.redaction import redact_text
+from tasks.train import check_inputs, log_to_mlflow, run_torchrun, torchrun_command
 
 
 @flow(name="train", log_prints=True)
@@ -22,7 +23,7 @@ def train(params_file: str = "params.yaml", overrides: list[str] | None = None) 
     cfg, log = params.train, get_run_logger()
     with tracking.stage_run("train", params, "train") as run:
         cmd = torchrun_command(cfg, params_file, overrides or [])
-        log.info("launching: %s", " ".join(cmd))
+        log.info("launching: %s", redact_text(" ".join(cmd)))
         run_torchrun(cmd, log.info)
         with tempfile.TemporaryDirectory() as tmp:
             metrics = log_to_mlflow(cfg, Path(tmp))
@@ -43,5 +44,6 @@ if __name__ == "__main__":
         run_cli(
             train,
             "Train: a Llama-style model with torchrun, checkpointed and exported to Hugging Face format.",
+            preflight=lambda params: check_inputs(params.train),
         )
     )

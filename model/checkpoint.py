@@ -1,15 +1,22 @@
 """Checkpoints with torch.distributed.checkpoint (DCP).
 
 A checkpoint is written to ``.tmp-step-N`` and renamed to ``step-N`` only when every rank has
-finished; it counts only once DCP's ``.metadata`` and our ``meta.json`` exist. Old ones are pruned
-to the last k. Per-rank state that is not a tensor of the model (data position, RNG states, step)
-goes into ``extra-rank<r>.pt`` and is loaded with ``weights_only=True``.
+finished; it counts only once DCP's ``.metadata``, our ``meta.json`` and ``manifest.json`` exist.
+Old ones are pruned to the last k. Per-rank state that is not a tensor of the model (data position,
+RNG states, step) goes into ``extra-rank<r>.pt`` and is loaded with ``weights_only=True``.
+
+Integrity: ``manifest.json``, written last, holds the SHA-256 of every other file. A resume checks
+it before torch opens anything (DCP reads ``.metadata`` with pickle, so a planted file would run
+code): a changed, missing or extra file is refused. Threat model: whoever can write the checkpoint
+folder *and* its manifest is trusted, as whoever can write the code is.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -24,11 +31,68 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from tasks.storage import atomic_write_text, disk_guard
+
 _STEP = re.compile(r"^step-(\d{8})$")
 
 
 class CheckpointMismatchError(RuntimeError):
     pass
+
+
+class CheckpointIntegrityError(CheckpointMismatchError):
+    """The checkpoint's files do not match its manifest: refused before anything is unpickled."""
+
+
+MANIFEST = "manifest.json"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _files(root: Path) -> list[str]:
+    return sorted(
+        p.relative_to(root).as_posix()
+        for p in root.rglob("*")
+        if (p.is_file() or p.is_symlink()) and p.name != MANIFEST
+    )
+
+
+def write_manifest(root: Path) -> None:
+    files = {name: _sha256(root / name) for name in _files(root)}
+    atomic_write_text(root / MANIFEST, json.dumps({"sha256": files}, indent=2, sort_keys=True))
+
+
+def verify_manifest(path: Path) -> None:
+    """Every file listed with the same hash, nothing else, no links; else CheckpointIntegrityError."""
+    hint = (
+        "refusing to load it (a checkpoint folder is trusted like code). Move it away to resume "
+        "from the previous one, or start fresh"
+    )
+    try:
+        listed = json.loads((path / MANIFEST).read_text())["sha256"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointIntegrityError(f"{path}: unreadable {MANIFEST} ({exc}); {hint}") from None
+    present = _files(path)
+    for name in present:
+        if (path / name).is_symlink():
+            raise CheckpointIntegrityError(f"{path}: {name} is a symbolic link; {hint}")
+    extra, missing = set(present) - set(listed), set(listed) - set(present)
+    if extra or missing:
+        raise CheckpointIntegrityError(
+            f"{path}: files {'added' if extra else 'missing'} since it was written "
+            f"({', '.join(sorted(extra or missing))}); {hint}"
+        )
+    for name, digest in listed.items():
+        if _sha256(path / name) != digest:
+            raise CheckpointIntegrityError(
+                f"{path}: {name} changed since it was written (SHA-256 mismatch); {hint}"
+            )
 
 
 def _rank() -> int:
@@ -47,7 +111,10 @@ def complete_checkpoints(ckpt_dir: str | Path) -> list[Path]:
     found = [
         p
         for p in root.iterdir()
-        if _STEP.match(p.name) and (p / ".metadata").exists() and (p / "meta.json").exists()
+        if _STEP.match(p.name)
+        and (p / ".metadata").exists()
+        and (p / "meta.json").exists()
+        and (p / MANIFEST).exists()
     ]
     return sorted(found, key=lambda p: int(_STEP.match(p.name).group(1)))
 
@@ -75,11 +142,19 @@ def save(
         shutil.rmtree(tmp, ignore_errors=True)  # a leftover from a killed run
     _barrier()
     state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optim)}
-    dcp.save(state, checkpoint_id=str(tmp))
-    torch.save({**extra, "rng": rng_state()}, tmp / f"extra-rank{_rank()}.pt")
+    try:
+        with disk_guard(root, f"the step-{step} checkpoint"):
+            dcp.save(state, checkpoint_id=str(tmp))
+            torch.save({**extra, "rng": rng_state()}, tmp / f"extra-rank{_rank()}.pt")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # never leave a partial checkpoint behind
+        raise
     _barrier()
     if _rank() == 0:
-        (tmp / "meta.json").write_text(json.dumps({**meta, "step": step}, indent=2, sort_keys=True))
+        with disk_guard(root, f"the step-{step} checkpoint"):
+            meta_text = json.dumps({**meta, "step": step}, indent=2, sort_keys=True)
+            (tmp / "meta.json").write_text(meta_text)
+            write_manifest(tmp)  # last: a checkpoint without it is incomplete
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -87,6 +162,23 @@ def save(
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
+
+
+def verify(path: Path) -> None:
+    """Rank 0 checks the manifest (reading every file once, not once per rank); all ranks get its
+    verdict, so every rank refuses together."""
+    error = ""
+    if _rank() == 0:
+        try:
+            verify_manifest(path)
+        except CheckpointIntegrityError as exc:
+            error = str(exc)
+    if dist.is_initialized():
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error:
+        raise CheckpointIntegrityError(error)
 
 
 def check_meta(path: Path, meta: dict) -> dict:
@@ -110,7 +202,13 @@ def load(path: Path, model, optim) -> dict:
     dcp.load(state, checkpoint_id=str(path))
     set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, optim, state["optim"])
-    extra = torch.load(path / f"extra-rank{_rank()}.pt", weights_only=True)
+    try:
+        extra = torch.load(path / f"extra-rank{_rank()}.pt", weights_only=True)
+    except pickle.UnpicklingError as exc:  # refused by weights_only: not what save() writes
+        raise CheckpointIntegrityError(
+            f"{path}/extra-rank{_rank()}.pt holds objects that are not plain tensors and numbers "
+            f"(refused by weights_only: {str(exc).splitlines()[0]}); move the checkpoint away"
+        ) from None
     torch.set_rng_state(extra["rng"]["torch"])
     if "cuda" in extra["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state(extra["rng"]["cuda"])

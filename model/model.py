@@ -7,70 +7,12 @@ rename-free copy of the state dict. No parallelism here: see parallelize.py.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-@dataclass(frozen=True)
-class ModelConfig:
-    vocab_size: int = 8192
-    n_layer: int = 4
-    n_head: int = 4
-    n_kv_head: int = 2
-    d_model: int = 256
-    ffn_hidden: int = 0  # 0: 8/3 * d_model rounded up to a multiple of 64 (Llama's SwiGLU sizing)
-    max_seq_len: int = 256
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-    tie_embeddings: bool = True
-    init_std: float = 0.02
-
-    def __post_init__(self) -> None:
-        if self.d_model % self.n_head:
-            raise ValueError(f"d_model {self.d_model} must be divisible by n_head {self.n_head}")
-        if self.n_head % self.n_kv_head:
-            raise ValueError(
-                f"n_head {self.n_head} must be a multiple of n_kv_head {self.n_kv_head}"
-            )
-        if self.ffn_hidden == 0:
-            object.__setattr__(self, "ffn_hidden", 64 * math.ceil(8 * self.d_model / 3 / 64))
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_head
-
-    # Named presets, from the CPU demo up to ~1B parameters (vocab size comes from the tokenizer).
-    @classmethod
-    def preset(cls, name: str, **overrides) -> ModelConfig:
-        presets = {
-            "tiny": dict(n_layer=4, n_head=4, n_kv_head=2, d_model=256, max_seq_len=256),
-            "small": dict(n_layer=6, n_head=6, n_kv_head=2, d_model=384, max_seq_len=512),
-            "125m": dict(n_layer=12, n_head=12, n_kv_head=4, d_model=768, max_seq_len=2048),
-            "350m": dict(n_layer=24, n_head=16, n_kv_head=4, d_model=1024, max_seq_len=2048),
-            "1b": dict(
-                n_layer=16,
-                n_head=32,
-                n_kv_head=8,
-                d_model=2048,
-                max_seq_len=4096,
-                tie_embeddings=False,
-            ),
-        }
-        if name not in presets:
-            raise ValueError(f"unknown model preset {name!r} (known: {', '.join(presets)})")
-        known = {f.name for f in fields(cls)}
-        return cls(
-            **{
-                **presets[name],
-                **{k: v for k, v in overrides.items() if k in known and v is not None},
-            }
-        )
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+from model.config import ModelConfig
 
 
 class RMSNorm(nn.Module):

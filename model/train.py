@@ -1,10 +1,17 @@
 """Training entry point, run by torchrun: ``torchrun --standalone --nproc_per_node=N -m model.train
-[--params params.yaml] [train.max_steps=100 ...]``. ``python -m flows.train`` builds that command."""
+[--params params.yaml] [train.max_steps=100 ...]``. ``python -m flows.train`` builds that command.
+
+Exit status: 0 complete (exported), 2 bad params, 3 a run that cannot go on (non-finite loss,
+mismatched or tampered checkpoint, ...), ``EXIT_STOPPED`` (75) stopped by SIGTERM after writing a
+checkpoint: rerun the same command to resume. A stopped run leaves no export and no metrics."""
 
 from __future__ import annotations
 
 import csv
 import json
+import os
+import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -22,7 +29,18 @@ from model.data import DataMismatchError  # noqa: E402
 from model.export import ExportCheckError, export  # noqa: E402
 from model.trainer import NonFiniteLossError, train  # noqa: E402
 from tasks.config import ConfigError, TrainConfig, parse_cli  # noqa: E402
-from tasks.storage import atomic_write_text  # noqa: E402
+from tasks.storage import StorageError, atomic_write_text  # noqa: E402
+
+# 75 (EX_TEMPFAIL) and the line torchrun's caller looks for (torchrun itself exits 1).
+from tasks.train import EXIT_STOPPED, STOPPED_PREFIX, die_with_parent  # noqa: E402
+
+
+def clear_stale_outputs(cfg: TrainConfig) -> None:
+    """Remove a previous run's export, metrics and plot: until this run completes, nothing may
+    look like its result (checkpoints and the step log stay, for the resume)."""
+    shutil.rmtree(cfg.export_dir, ignore_errors=True)
+    for f in (cfg.metrics_file, cfg.plot_file):
+        Path(f).unlink(missing_ok=True)
 
 
 def read_log(path: str) -> list[dict]:
@@ -79,7 +97,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     cfg = params.train
     t0 = time.perf_counter()
-    rank = int(__import__("os").environ.get("RANK", "0"))
+    rank = int(os.environ.get("RANK", "0"))
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        # Killed with its launcher (torchrun SIGKILLed, its node lost): no orphan keeps training
+        # and writing checkpoints beside a resumed run.
+        die_with_parent(signal.SIGKILL)
+        if os.getppid() == 1:  # the launcher died before prctl took effect
+            return EXIT_STOPPED
+    if rank == 0:
+        clear_stale_outputs(cfg)
 
     def log(msg: str) -> None:
         if rank == 0:
@@ -88,7 +114,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = train(cfg, log)
         if "stopped_at" in result:
-            return 0
+            print(
+                f"{STOPPED_PREFIX} SIGTERM at step {result['stopped_at']} of {cfg.max_steps}; "
+                f"checkpoint written to {cfg.ckpt_dir}; rerun to resume",
+                file=sys.stderr,
+                flush=True,
+            )
+            return EXIT_STOPPED
         model = result["model"]
         state = get_model_state_dict(
             model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -114,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         DataMismatchError,
         ExportCheckError,
         FileNotFoundError,
+        StorageError,
         ValueError,
     ) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)

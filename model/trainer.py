@@ -52,16 +52,49 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return lo + 0.5 * (cfg.lr - lo) * (1 + math.cos(math.pi * min(frac, 1.0)))
 
 
-def measured_cpu_peak(n: int = 2048, reps: int = 5) -> float:
-    """fp32 matmul FLOP/s of this CPU with torch's threads: the roof an fp32 CPU run can reach."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
+def _cpu_ghz() -> tuple[float, str]:
+    """The CPU's highest clock: cpufreq's maximum, else the clock /proc/cpuinfo reports."""
+    try:
+        return int(
+            Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq").read_text()
+        ) / 1e6, "cpufreq max"
+    except (OSError, ValueError):
+        pass
+    try:
+        mhz = [
+            float(line.split(":")[1])
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("cpu MHz")
+        ]
+        if mhz:
+            return max(mhz) / 1e3, "/proc/cpuinfo"
+    except (OSError, ValueError):
+        pass
+    return 3.0, "assumed 3 GHz"
+
+
+def cpu_peak(threads: int | None = None) -> tuple[float, str]:
+    """Theoretical fp32 peak of the cores torch uses: cores x clock x FLOPs per cycle, with two FMA
+    units per core (2 FLOPs each per vector lane). A stable roof that measured throughput cannot
+    pass, unlike a matmul timed once at start-up on a shared machine."""
+    cores = min(threads or torch.get_num_threads(), os.cpu_count() or 1)
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        flags = set()
+    lanes, isa = (
+        (16, "AVX-512")
+        if "avx512f" in flags
+        else (8, "AVX2+FMA")
+        if {"avx2", "fma"} <= flags
+        else (4, "128-bit SIMD")
+    )
+    ghz, clock = _cpu_ghz()
+    peak = cores * ghz * 1e9 * 2 * 2 * lanes
+    return (
+        peak,
+        f"fp32 theoretical: {cores} cores x {ghz:.2f} GHz ({clock}) x {2 * 2 * lanes} FLOP/cycle ({isa})",
+    )
 
 
 def device_peak(device: torch.device) -> tuple[float, str]:
@@ -71,7 +104,7 @@ def device_peak(device: torch.device) -> tuple[float, str]:
             if key in name:
                 return peak, f"{name} bf16 datasheet"
         return float("nan"), f"{name} (unknown peak)"
-    return measured_cpu_peak(), "measured fp32 matmul peak of this CPU"
+    return cpu_peak()
 
 
 @dataclass
@@ -95,7 +128,8 @@ def init_distributed(cfg: TrainConfig) -> Dist:
 
 
 class StopRequested:
-    """SIGTERM sets a flag; the loop saves a checkpoint after the current step and exits cleanly."""
+    """SIGTERM sets a flag; the loop saves a checkpoint after the current step and the run ends
+    with ``EXIT_STOPPED`` (never as a success)."""
 
     def __init__(self) -> None:
         self.requested = False
@@ -193,6 +227,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
     step = 0
     last = checkpoint.latest(cfg.ckpt_dir)
     if last is not None:
+        checkpoint.verify(last)  # before anything in it is opened
         checkpoint.check_meta(last, meta)
         extra = checkpoint.load(last, model, optim)
         train_data.load_state_dict(extra["data"])

@@ -16,6 +16,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from tasks.redaction import redact_text, secrets_in
+
 
 class ConfigError(ValueError):
     """Bad params: the message names the key and says what to change."""
@@ -36,6 +38,8 @@ class SourceConfig(Section):
     hf_config: str | None = None  # Hub dataset configuration name
     split: str = "train"  # Hub dataset split
     max_docs: int | None = Field(default=None, ge=1)  # take at most this many documents
+    # Links that lead out of a local source's folder are quarantined unless this is true.
+    follow_symlinks: bool = False
 
     @property
     def label(self) -> str:
@@ -210,6 +214,42 @@ class TrainConfig(Section):
     export_check_tol: float = Field(default=1e-4, gt=0)  # max |logit difference| vs transformers
     debug_nan_at_step: int | None = None  # fault injection for tests: loss becomes NaN at this step
 
+    def model_shape(self, vocab_size: int = 8192):
+        """The model's shape from the preset and the overrides above; ValueError names the key."""
+        from model.config import ModelConfig
+
+        return ModelConfig.preset(
+            self.preset,
+            vocab_size=vocab_size,
+            max_seq_len=self.seq_len,
+            n_layer=self.n_layer,
+            n_head=self.n_head,
+            n_kv_head=self.n_kv_head,
+            d_model=self.d_model,
+            tie_embeddings=self.tie_embeddings,
+        )
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        # The shape and the batch arithmetic fail here, before any flow, run or process starts.
+        try:
+            m = self.model_shape()
+        except ValueError as exc:
+            keys = "train.n_head / train.n_kv_head / train.d_model (or train.preset)"
+            raise ValueError(f"{keys}: {exc}") from None
+        per_step = self.micro_batch * self.seq_len * self.nproc_per_node * self.nnodes
+        if self.global_batch_tokens % per_step:
+            raise ValueError(
+                f"train.global_batch_tokens {self.global_batch_tokens} is not a multiple of "
+                f"train.micro_batch * train.seq_len * processes = {self.micro_batch} * "
+                f"{self.seq_len} * {self.nproc_per_node * self.nnodes} = {per_step}"
+            )
+        if m.head_dim % 2:
+            raise ValueError(
+                f"train.d_model / train.n_head = {m.head_dim}: rotary embeddings need an even head size"
+            )
+        return self
+
 
 class GateConfig(Section):
     """The release gate: the evaluate stage records pass or fail; release refuses a failure."""
@@ -275,7 +315,9 @@ class ReleaseConfig(Section):
     s3_uri: str | None = None  # s3://bucket/prefix to upload the bundle and tarball to
     register_model: bool = True  # register a version in the MLflow Model Registry
     registered_model: str = "llmforge"
-    hub_token: str | None = None  # never logged or written; reserved for a Hugging Face Hub push
+    # The variable holding a Hugging Face token (reserved for a Hub push). A secret itself is never
+    # a param: params are stored in Prefect's run parameters, MLflow and the model card.
+    hub_token_env: str = "HF_TOKEN"
 
 
 class InfraConfig(Section):
@@ -286,7 +328,11 @@ class InfraConfig(Section):
     mlflow_experiment: str = "llmforge"
     s3_endpoint_url: str | None = None
     s3_region: str = "us-east-1"
-    s3_max_attempts: int = Field(default=5, ge=1)
+    # Retries (boto3 standard mode, first attempt included) and timeouts: an endpoint that accepts
+    # connections and never answers fails in under 30 s with these defaults.
+    s3_max_attempts: int = Field(default=4, ge=1)
+    s3_connect_timeout_s: float = Field(default=5.0, gt=0)
+    s3_read_timeout_s: float = Field(default=5.0, gt=0)
     # Where the per-shard tasks of ingest and tokenize run: a local process pool, or Dask (a
     # running scheduler at dask_address, else a local Dask cluster on 127.0.0.1). The same code
     # either way; a remote cluster's workers need this repo's environment and the data paths.
@@ -314,8 +360,13 @@ def _format_errors(err: ValidationError, origin: str) -> str:
         if e["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key (check the spelling; see params.yaml for the keys)")
             continue
+        if e["type"] == "value_error" and isinstance(e.get("input"), dict):
+            # A section's own check: its message names the keys.
+            lines.append(f"  {redact_text(e['msg'].removeprefix('Value error, '))}")
+            continue
         got = e.get("input")
         shown = "a mapping" if isinstance(got, dict) else f"{type(got).__name__} {got!r}"
+        shown = redact_text(shown)
         lines.append(f"  {key}: {e['msg'].lower()} (got {shown})")
     return "\n".join(lines)
 
@@ -378,12 +429,32 @@ def params_from_dict(
     raw = copy.deepcopy(raw)
     for o in overrides:
         apply_override(raw, o)
+    check_free_of_secrets(raw, origin + (" with overrides" if overrides else ""))
     try:
         return Params.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(
             _format_errors(exc, origin + (" with overrides" if overrides else ""))
         ) from None
+
+
+def check_free_of_secrets(raw: dict, origin: str) -> None:
+    """Refuse a secret given as a param: params travel into Prefect's run parameters, MLflow, logs
+    and the model card. Credentials come from the environment or a secret store instead."""
+    flat: dict[str, Any] = {}
+    for key, value in raw.items():
+        _flatten(flat, str(key), value)
+    found = secrets_in(flat)
+    if found:
+        lines = [f"secrets in {origin} (the values are not shown):"]
+        lines += [
+            f"  {k}: looks like a credential; params are stored in clear in Prefect, MLflow and "
+            "the model card. Pass it through the environment (AWS_ACCESS_KEY_ID / "
+            "AWS_SECRET_ACCESS_KEY / AWS_PROFILE for S3, HF_TOKEN, or the variable a *_env key "
+            "names) or a Prefect Secret block"
+            for k in found
+        ]
+        raise ConfigError("\n".join(lines))
 
 
 def parse_cli(argv: list[str] | None, description: str) -> tuple[Params, argparse.Namespace]:

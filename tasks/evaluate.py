@@ -20,7 +20,7 @@ import numpy as np
 import yaml
 
 from tasks.config import EvaluateConfig
-from tasks.sandbox import run_python
+from tasks.sandbox import SandboxUnavailable, check_available, run_python
 from tasks.storage import atomic_dir
 
 REFERENCES = Path(__file__).with_name("references.yaml")
@@ -243,6 +243,11 @@ def run_evaluate(cfg: EvaluateConfig, log=print) -> dict:
         raise EvaluateError(
             f"no model in {cfg.model_dir}: run the train stage first (python -m flows.train)"
         )
+    if cfg.humaneval and cfg.allow_code_execution:
+        try:  # refuse before any model is loaded, not after generating 164 completions
+            check_available()
+        except SandboxUnavailable as exc:
+            raise EvaluateError(str(exc)) from None
     results: dict = {"model_dir": cfg.model_dir, "benchmarks": {}, "samples": []}
     b = results["benchmarks"]
 

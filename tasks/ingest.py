@@ -25,7 +25,7 @@ from tasks.dedup import deduplicate, doc_signature, minhash_permutations, ngram_
 from tasks.normalize import DecodeError, decode, normalize_text
 from tasks.scrub import scrub
 from tasks.sources import Bad, Item, SourceError, discover, read_item
-from tasks.storage import atomic_dir, atomic_write_text
+from tasks.storage import S3Settings, atomic_dir, atomic_write_text
 
 SCHEMA = pa.schema(
     [
@@ -74,9 +74,9 @@ class ShardResult:
     seconds: dict[str, float]
 
 
-def plan_shards(cfg: DataConfig) -> list[list[Item]]:
+def plan_shards(cfg: DataConfig, s3: S3Settings | None = None) -> list[list[Item]]:
     """Discover every input and cut the list into shards of ``shard_docs`` items."""
-    items = discover(cfg)
+    items = discover(cfg, s3)
     if not items:
         raise IngestError("the sources hold no input at all; check data.sources")
     return [items[i : i + cfg.shard_docs] for i in range(0, len(items), cfg.shard_docs)]
@@ -86,7 +86,7 @@ def doc_id(source_label: str, uri: str) -> str:
     return hashlib.sha256(f"{source_label}\0{uri}".encode()).hexdigest()[:24]
 
 
-def process_shard(items: list[Item], cfg: DataConfig) -> ShardResult:
+def process_shard(items: list[Item], cfg: DataConfig, s3: S3Settings | None = None) -> ShardResult:
     perms = minhash_permutations(cfg.minhash_perm, cfg.seed)
     index = (
         benchmark_index(tuple(cfg.decontam_benchmarks), cfg.decontam_ngram)
@@ -99,7 +99,7 @@ def process_shard(items: list[Item], cfg: DataConfig) -> ShardResult:
         src = cfg.sources[item.source]
         st = res.stats.setdefault(item.source, SourceStats())
         t0 = time.perf_counter()
-        raws = list(read_item(item, src, cfg))
+        raws = list(read_item(item, src, cfg, s3))
         t["read"] += time.perf_counter() - t0
         for raw in raws:
             st.docs_in += 1

@@ -17,13 +17,15 @@ import os
 import shutil
 import sysconfig
 import tarfile
+import zlib
 import tempfile
 from pathlib import Path
 
 import yaml
 
 from tasks.config import Params, to_flat_dict
-from tasks.storage import atomic_dir, download_file, is_s3, upload_file
+from tasks.redaction import redact_text
+from tasks.storage import S3Settings, atomic_dir, download_file, is_s3, upload_file
 from tasks.tracking import git_commit, redact
 
 LICENSES = Path(__file__).with_name("licenses")
@@ -264,7 +266,9 @@ def build_bundle(p: Params, mlflow_run_id: str, out_root: str | None = None) -> 
             shutil.copy2(Path(cfg.model_dir) / f, tmp / f)
         if (Path(cfg.eval_dir) / "comparison.png").exists():
             shutil.copy2(Path(cfg.eval_dir) / "comparison.png", tmp / "comparison.png")
-        (tmp / "README.md").write_text(model_card(p, inputs, lineage))
+        # Params cannot hold secrets (load_params refuses them); the card is redacted all the same,
+        # since it quotes source URIs and the data card.
+        (tmp / "README.md").write_text(redact_text(model_card(p, inputs, lineage)))
         (tmp / "LICENSE").write_text((LICENSES / f"{cfg.license}.txt").read_text())
         (tmp / "DATA_LICENSES.md").write_text(data_notices(inputs["card"]))
         files = sorted(f.name for f in tmp.iterdir())
@@ -316,26 +320,72 @@ def build_tarball(bundle: Path) -> Path:
     return out
 
 
-def safe_extract(tarball: Path, dest: Path) -> Path:
-    """Extract only plain files and folders under ``dest``; refuse the whole archive otherwise."""
+class _Capped(io.RawIOBase):
+    """A read-only stream that fails once more than ``cap`` bytes came out of ``raw``."""
+
+    def __init__(self, raw, cap: int, what: str):
+        self.raw, self.cap, self.what, self.seen = raw, cap, what, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        data = self.raw.read(min(len(buf), 1 << 20))
+        self.seen += len(data)
+        if self.seen > self.cap:
+            raise ReleaseError(
+                f"unsafe archive: {self.what} unpacks to more than {self.cap:,} bytes "
+                "(a decompression bomb?); refused before extracting"
+            )
+        buf[: len(data)] = data
+        return len(data)
+
+
+def unpacked_cap(tarball: Path) -> int:
+    """What a release may unpack to: weights hardly compress, so 4x the archive (+64 MiB for
+    the small files) is generous for a real release and stops a bomb early."""
+    return 4 * tarball.stat().st_size + (64 << 20)
+
+
+def safe_extract(tarball: Path, dest: Path, cap: int | None = None) -> Path:
+    """Extract only plain files and folders under ``dest``; refuse the whole archive otherwise.
+
+    A first pass streams the archive through a byte cap, checking every header (paths, links,
+    special and sparse files, declared sizes) before anything is written; only then is it
+    extracted, so a bomb or a huge sparse member costs neither disk nor memory."""
+    cap = cap or unpacked_cap(tarball)
+    names, total = [], 0
+    try:
+        with (
+            gzip.open(tarball, "rb") as gz,
+            tarfile.open(fileobj=_Capped(gz, cap, tarball.name), mode="r|") as tar,
+        ):
+            for m in tar:
+                name = m.name
+                if name.startswith("/") or Path(name).is_absolute():
+                    raise ReleaseError(f"unsafe archive: absolute path {name!r}")
+                if ".." in Path(name).parts:
+                    raise ReleaseError(f"unsafe archive: path escapes the target {name!r}")
+                if m.issym() or m.islnk():
+                    raise ReleaseError(f"unsafe archive: link {name!r} -> {m.linkname!r}")
+                if m.issparse() or not (m.isfile() or m.isdir()):
+                    raise ReleaseError(
+                        f"unsafe archive: {name!r} is a sparse, device, fifo or other special file"
+                    )
+                total += m.size
+                if total > cap:
+                    raise ReleaseError(
+                        f"unsafe archive: members declare more than {cap:,} bytes "
+                        f"(at {name!r}); refused before extracting"
+                    )
+                names.append(name)
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
+        raise ReleaseError(f"{tarball}: not a readable .tar.gz ({exc})") from exc
+    tops = {Path(n).parts[0] for n in names}
+    if len(tops) != 1:
+        raise ReleaseError(f"a release archive holds one top-level folder, not {sorted(tops)}")
     with tarfile.open(tarball, "r:gz") as tar:
-        members = tar.getmembers()
-        for m in members:
-            name = m.name
-            if name.startswith("/") or Path(name).is_absolute():
-                raise ReleaseError(f"unsafe archive: absolute path {name!r}")
-            if ".." in Path(name).parts:
-                raise ReleaseError(f"unsafe archive: path escapes the target {name!r}")
-            if m.issym() or m.islnk():
-                raise ReleaseError(f"unsafe archive: link {name!r} -> {m.linkname!r}")
-            if not (m.isfile() or m.isdir()):
-                raise ReleaseError(
-                    f"unsafe archive: {name!r} is a device, fifo or other special file"
-                )
-        tops = {Path(m.name).parts[0] for m in members}
-        if len(tops) != 1:
-            raise ReleaseError(f"a release archive holds one top-level folder, not {sorted(tops)}")
-        tar.extractall(dest, members=members, filter="data")
+        tar.extractall(dest, filter="data")
     return dest / tops.pop()
 
 
@@ -374,11 +424,11 @@ def verify_dir(bundle: Path, load: bool = True) -> dict:
     return out
 
 
-def verify(target: str, load: bool = True) -> dict:
+def verify(target: str, load: bool = True, s3: S3Settings | None = None) -> dict:
     if is_s3(target):
         with tempfile.TemporaryDirectory() as tmp:
             local = Path(tmp) / Path(target).name
-            download_file(target, local)
+            download_file(target, local, s3)
             return verify(str(local), load)
     path = Path(target)
     if path.is_dir():
@@ -389,15 +439,15 @@ def verify(target: str, load: bool = True) -> dict:
     raise ReleaseError(f"{target}: not a release folder, .tar.gz or s3:// URI")
 
 
-def upload(bundle: Path, tarball: Path, s3_uri: str) -> list[str]:
+def upload(bundle: Path, tarball: Path, s3_uri: str, s3: S3Settings | None = None) -> list[str]:
     """Upload the tarball and the bundle's files (boto3 managed transfers: multipart for large
     files, retried, aborted on failure so no partial object is left under a final key)."""
     base = s3_uri.rstrip("/")
     uris = [f"{base}/{tarball.name}"]
-    upload_file(tarball, uris[0])
+    upload_file(tarball, uris[0], s3)
     for f in sorted(bundle.iterdir()):
         uri = f"{base}/{bundle.name}/{f.name}"
-        upload_file(f, uri)
+        upload_file(f, uri, s3)
         uris.append(uri)
     return uris
 

@@ -1,7 +1,8 @@
 """PII and secret scrubbing: e-mail and public IP addresses, credentials that appear in code.
 
 Each match is replaced by a placeholder and counted by kind. The secret patterns are the
-high-precision ones (fixed prefixes and shapes) so ordinary code is not mangled.
+high-precision ones (fixed prefixes and shapes) so ordinary code is not mangled; they live in
+``tasks.redaction``, which masks the same credentials in logs, params and written files.
 """
 
 from __future__ import annotations
@@ -11,47 +12,13 @@ import re
 from collections import Counter
 
 from tasks.config import DataConfig
+from tasks.redaction import on_lines, replace_patterns
 
 EMAIL = re.compile(
     r"(?<![\w.+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b"
 )
 # Candidates only; ipaddress validates (octets <= 255) and keeps private/loopback ones.
 IPV4 = re.compile(r"\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}")
-
-# (kind, literal that every match contains, pattern, replacement). The literal is checked first
-# with ``in`` (fast), so a pattern only scans the lines that can match it.
-SECRETS: tuple[tuple[str, str, re.Pattern[str], str], ...] = (
-    (
-        "private_key",
-        "PRIVATE KEY-----",
-        re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----[\s\S]*?-----END [A-Z ]*PRIVATE KEY-----"),
-        "<PRIVATE_KEY>",
-    ),
-    ("aws_access_key", "A", re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"), "<AWS_ACCESS_KEY_ID>"),
-    (
-        "aws_secret_key",
-        "_access_key",
-        re.compile(r"(?i)(aws_secret_access_key\s*[=:]\s*['\"]?)[A-Za-z0-9/+=]{40}"),
-        r"\1<AWS_SECRET_ACCESS_KEY>",
-    ),
-    ("github_token", "gh", re.compile(r"\bgh[pousr]_[A-Za-z0-9]{36,}\b"), "<GITHUB_TOKEN>"),
-    ("slack_token", "xox", re.compile(r"\bxox[abprs]-[A-Za-z0-9-]{10,}\b"), "<SLACK_TOKEN>"),
-    ("google_api_key", "AIza", re.compile(r"\bAIza[0-9A-Za-z_-]{35}\b"), "<GOOGLE_API_KEY>"),
-    (
-        "url_credentials",
-        "://",
-        re.compile(r"(://)[^\s/:@'\"]+:[^\s/@'\"]+@"),
-        r"\1<USER>:<PASSWORD>@",
-    ),
-    (
-        "url_token",
-        "=",
-        re.compile(
-            r"(?i)([?&](?:access_token|token|api_key|apikey|auth|secret|password|sig|signature)=)[^&\s'\"#]{6,}"
-        ),
-        r"\1<TOKEN>",
-    ),
-)
 
 
 def _public_ip(text: str) -> bool:
@@ -67,31 +34,13 @@ def _public_ip(text: str) -> bool:
     )
 
 
-def _on_lines(text: str, literal: str, fn) -> tuple[str, int]:
-    """Apply ``fn(line) -> (line, n)`` only to the lines containing ``literal``."""
-    if literal not in text:
-        return text, 0
-    lines = text.split("\n")
-    total = 0
-    for i, line in enumerate(lines):
-        if literal in line:
-            lines[i], n = fn(line)
-            total += n
-    return ("\n".join(lines), total) if total else (text, 0)
-
-
 def scrub(text: str, cfg: DataConfig) -> tuple[str, Counter]:
     counts: Counter = Counter()
     if cfg.scrub_secrets:
-        for kind, literal, pattern, repl in SECRETS:
-            if kind == "private_key":  # spans lines; its literal prefix makes the scan fast
-                text, n = pattern.subn(repl, text) if literal in text else (text, 0)
-            else:
-                text, n = _on_lines(text, literal, lambda line, p=pattern, r=repl: p.subn(r, line))
-            if n:
-                counts[kind] += n
+        text, found = replace_patterns(text)
+        counts.update(found)
     if cfg.scrub_emails:
-        text, n = _on_lines(text, "@", lambda line: EMAIL.subn("<EMAIL>", line))
+        text, n = on_lines(text, "@", lambda line: EMAIL.subn("<EMAIL>", line))
         if n:
             counts["email"] += n
     if cfg.scrub_ips:

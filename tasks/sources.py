@@ -13,11 +13,13 @@ for a bad input: it yields a :class:`Bad` with the reason, which ends up in the 
 
 from __future__ import annotations
 
+import errno
 import glob
 import gzip
 import io
 import json
 import os
+import stat
 import sysconfig
 import zlib
 from collections.abc import Iterator
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tasks.config import DataConfig, SourceConfig
-from tasks.storage import ObjectInfo, is_s3, list_s3, read_bytes
+from tasks.storage import ObjectInfo, S3Settings, is_s3, list_s3, read_bytes
 
 TEXT_SUFFIXES = frozenset(
     [
@@ -104,6 +106,7 @@ class Item:
     location: str = ""  # local path or s3:// URI to read; "" for records
     size: int = 0
     records: tuple[tuple[str, str], ...] = ()  # (uri, text) pairs for Hub datasets
+    problem: str = ""  # set when discovery found something that must not be read (quarantined)
 
 
 @dataclass(frozen=True)
@@ -144,27 +147,99 @@ def _stdlib_items(idx: int) -> list[Item]:
     return items
 
 
-def _local_items(idx: int, spec: str) -> list[Item]:
+def _glob_root(spec: str) -> Path:
+    """The folder a glob can never leave: its longest leading part without wildcards."""
+    parts = []
+    for part in Path(spec).parts:
+        if any(ch in part for ch in "*?["):
+            break
+        parts.append(part)
+    return Path(*parts) if parts else Path(".")
+
+
+def _classify(path: Path, root: Path, follow_symlinks: bool) -> tuple[Path | None, str]:
+    """(the regular file to read, "") or (None, why it is not read). Never follows a link out of
+    ``root`` unless ``follow_symlinks``; anything but a regular file is refused with a reason."""
+    try:
+        st = path.lstat()
+    except OSError as exc:
+        return None, f"unreadable: {exc.strerror or exc}"
+    target = path
+    if stat.S_ISLNK(st.st_mode):
+        try:
+            target = path.resolve(strict=True)
+        except (RuntimeError, OSError) as exc:  # RuntimeError: a loop (Python < 3.13)
+            loop = isinstance(exc, RuntimeError) or getattr(exc, "errno", 0) == errno.ELOOP
+            return None, "symlink loop" if loop else f"broken symlink -> {os.readlink(path)}"
+        if not follow_symlinks and not target.is_relative_to(root):
+            return None, (
+                f"symlink out of the source root -> {target} (not followed; set the source's "
+                "follow_symlinks: true to allow links out)"
+            )
+        st = target.stat()
+        if stat.S_ISDIR(st.st_mode):
+            return None, "symlink to a folder (not followed)"
+    if stat.S_ISREG(st.st_mode):
+        return target, ""
+    if stat.S_ISDIR(st.st_mode):
+        return None, "a folder with a file's name matched the glob (sources read files)"
+    kind = (
+        "a FIFO"
+        if stat.S_ISFIFO(st.st_mode)
+        else "a socket"
+        if stat.S_ISSOCK(st.st_mode)
+        else "a device"
+        if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
+        else "a special file"
+    )
+    return None, f"not a regular file ({kind})"
+
+
+def _walk(folder: Path) -> Iterator[Path]:
+    """Every entry under ``folder`` except hidden ones, without following links into folders."""
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError:
+        return
+    for e in entries:
+        if e.name.startswith("."):
+            continue
+        if e.is_dir(follow_symlinks=False):
+            yield from _walk(Path(e.path))
+        else:
+            yield Path(e.path)
+
+
+def _local_items(idx: int, src: SourceConfig) -> list[Item]:
+    spec = src.uri
     if any(ch in spec for ch in "*?["):
-        paths = [Path(p) for p in glob.glob(spec, recursive=True)]
+        root = _glob_root(spec)
+        paths = []
+        for p in glob.glob(spec, recursive=True):
+            p = Path(p)
+            # `**` matches every folder on the way; a folder named like a file is reported.
+            if p.is_dir() and not p.is_symlink() and _format(p.name) is None:
+                continue
+            paths.append(p)
         if not paths:
             raise SourceError(f"source {spec!r}: the glob matches no file")
     else:
         p = Path(spec)
-        if not p.exists():
+        if not p.exists() and not p.is_symlink():
             raise SourceError(f"source {spec!r}: no such file or folder (check data.sources)")
-        paths = [p]
-    files: list[Path] = []
-    for p in paths:
-        if p.is_dir():
-            files.extend(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
-        elif p.is_file():
-            files.append(p)
-    return [Item(idx, str(f), str(f), f.stat().st_size) for f in sorted(set(files), key=str)]
+        root = p if p.is_dir() and not p.is_symlink() else p.parent
+        paths = list(_walk(p)) if p.is_dir() and not p.is_symlink() else [p]
+    root = root.resolve()
+    items = []
+    for path in sorted(set(paths), key=str):
+        target, problem = _classify(path, root, src.follow_symlinks)
+        size = target.stat().st_size if target is not None else 0
+        items.append(Item(idx, str(path), str(target or path), size, problem=problem))
+    return items
 
 
-def _s3_items(idx: int, uri: str) -> list[Item]:
-    objects: list[ObjectInfo] = list(list_s3(uri))
+def _s3_items(idx: int, uri: str, s3: S3Settings | None) -> list[Item]:
+    objects: list[ObjectInfo] = list(list_s3(uri, s3))
     if not objects:
         raise SourceError(f"source {uri!r}: no objects under this prefix")
     return [Item(idx, o.uri, o.uri, o.size) for o in objects]
@@ -204,18 +279,18 @@ def _hf_items(idx: int, src: SourceConfig, batch: int) -> list[Item]:
     return items
 
 
-def discover(cfg: DataConfig) -> list[Item]:
+def discover(cfg: DataConfig, s3: S3Settings | None = None) -> list[Item]:
     """Every item of every source, in a fixed order (source order, then path order)."""
     items: list[Item] = []
     for idx, src in enumerate(cfg.sources):
         if src.uri == "stdlib":
             found = _stdlib_items(idx)
         elif is_s3(src.uri):
-            found = _s3_items(idx, src.uri)
+            found = _s3_items(idx, src.uri, s3)
         elif src.uri.startswith("hf://"):
             found = _hf_items(idx, src, cfg.shard_docs)
         else:
-            found = _local_items(idx, src.uri)
+            found = _local_items(idx, src)
         if src.max_docs is not None and not src.uri.startswith("hf://"):
             found = found[: src.max_docs]
         items.extend(found)
@@ -277,7 +352,27 @@ def _records_from_parquet(item: Item, blob: bytes, field: str) -> Iterator[Raw |
             yield Bad(uri, f"wrong schema: {field!r} is {type(text).__name__}, not a string")
 
 
-def read_item(item: Item, src: SourceConfig, cfg: DataConfig) -> Iterator[Raw | Bad]:
+def read_regular_file(path: str, max_bytes: int) -> bytes:
+    """Read a local file that is still a regular file when opened (no link followed at open, no
+    FIFO or device), and at most ``max_bytes`` + 1 bytes of it, whatever it grew to since listing."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path} is not a regular file")
+        return f.read(max_bytes + 1)
+
+
+def gunzip_bounded(blob: bytes, max_bytes: int) -> bytes | None:
+    """Decompress gzip (every member) in a stream, stopping after ``max_bytes`` + 1 bytes: a bomb
+    costs at most that much memory. None when the data is larger than ``max_bytes``."""
+    with gzip.GzipFile(fileobj=io.BytesIO(blob)) as gz:
+        out = gz.read(max_bytes + 1)
+    return None if len(out) > max_bytes else out
+
+
+def read_item(
+    item: Item, src: SourceConfig, cfg: DataConfig, s3: S3Settings | None = None
+) -> Iterator[Raw | Bad]:
     """The raw documents of one item; every problem becomes a :class:`Bad`, nothing raises."""
     if item.records:
         for uri, text in item.records:
@@ -285,6 +380,9 @@ def read_item(item: Item, src: SourceConfig, cfg: DataConfig) -> Iterator[Raw | 
                 yield Bad(uri, f"wrong schema: no string field {src.text_field!r}")
             else:
                 yield Raw(uri, text, len(text.encode("utf-8", "surrogatepass")))
+        return
+    if item.problem:
+        yield Bad(item.uri, item.problem)
         return
     fmt = _format(item.location)
     if fmt is None and not Path(item.location).suffix and src.uri == item.uri:
@@ -298,18 +396,28 @@ def read_item(item: Item, src: SourceConfig, cfg: DataConfig) -> Iterator[Raw | 
         )
         return
     try:
-        blob = read_bytes(item.location)
+        if is_s3(item.location):
+            blob = read_bytes(item.location, s3)
+        else:
+            blob = read_regular_file(item.location, cfg.max_file_bytes)
     except Exception as exc:
         yield Bad(item.uri, f"unreadable: {type(exc).__name__}: {exc}")
         return
+    if len(blob) > cfg.max_file_bytes:  # it grew after it was listed
+        yield Bad(item.uri, f"oversized: more than data.max_file_bytes={cfg.max_file_bytes} bytes")
+        return
     if item.location.lower().endswith(".gz"):
         try:
-            blob = gzip.decompress(blob)
+            blob = gunzip_bounded(blob, cfg.max_file_bytes)
         except (OSError, EOFError, zlib.error) as exc:
             yield Bad(item.uri, f"corrupt or truncated gzip: {exc}")
             return
-        if len(blob) > cfg.max_file_bytes:
-            yield Bad(item.uri, f"oversized: {len(blob)} bytes uncompressed > data.max_file_bytes")
+        if blob is None:
+            yield Bad(
+                item.uri,
+                f"oversized: more than data.max_file_bytes={cfg.max_file_bytes} bytes "
+                "uncompressed (decompression stopped there)",
+            )
             return
     if not blob:
         yield Bad(item.uri, "empty")

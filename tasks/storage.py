@@ -9,8 +9,11 @@ file or folder that a later stage would take for a whole one.
 from __future__ import annotations
 
 import contextlib
+import errno
+import glob
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,6 +31,95 @@ class StorageError(RuntimeError):
     """A location cannot be reached or used; the message says which and what to do."""
 
 
+class DiskFullError(StorageError):
+    """The disk holding an output filled up; the message names the path and the fix."""
+
+
+def _errnos(exc: BaseException) -> set[int]:
+    seen, out = set(), set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno:
+            out.add(exc.errno)
+        exc = exc.__cause__ or exc.__context__
+    return out
+
+
+def is_disk_full(exc: BaseException, path: str | Path) -> bool:
+    """ENOSPC or EDQUOT anywhere in the chain, or (for libraries that lose the errno, as torch's
+    zip writer does: "unexpected pos ...") a failure while the disk holding ``path`` is full."""
+    if _errnos(exc) & {errno.ENOSPC, errno.EDQUOT}:
+        return True
+    try:
+        return shutil.disk_usage(_existing(path)).free < (1 << 20)
+    except OSError:
+        return False
+
+
+def _existing(path: str | Path) -> Path:
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+@contextlib.contextmanager
+def disk_guard(path: str | Path, what: str = "") -> Iterator[None]:
+    """Turn a write failure on a full disk into :class:`DiskFullError` naming ``path``."""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except Exception as exc:
+        if not is_disk_full(exc, path):
+            raise
+        usage = shutil.disk_usage(_existing(path))
+        raise DiskFullError(
+            f"disk full: no space left on the device holding {path} "
+            f"({usage.free / 1e6:.1f} MB free of {usage.total / 1e6:.1f} MB) while writing "
+            f"{what or 'it'}; free some space or point this output at a larger disk, then rerun "
+            f"(completed outputs and checkpoints are kept; the partial one was removed). "
+            f"Underlying error: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def _tmp_prefix(name: str) -> str:
+    """Temporary siblings carry host and pid, so a later run can remove those of dead runs."""
+    return f".{name}.{socket.gethostname()}-{os.getpid()}."
+
+
+def remove_stale_temporaries(path: str | Path) -> list[Path]:
+    """Remove ``.<name>.*.tmp`` siblings left by killed runs on this host (a live run's stay)."""
+    path = Path(path)
+    removed = []
+    if not path.parent.is_dir():
+        return removed
+    host = socket.gethostname()
+    for p in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        owner = p.name[len(path.name) + 2 :].split(".", 1)[0]
+        h, _, pid = owner.rpartition("-")
+        if h and h != host:
+            continue  # another host's run, on a shared filesystem
+        if h and pid.isdigit() and _alive(int(pid)):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def is_s3(uri: str) -> bool:
     return str(uri).startswith("s3://")
 
@@ -40,38 +132,82 @@ def split_s3(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
+@dataclass(frozen=True)
+class S3Settings:
+    """How to reach S3: ``infra``'s endpoint, region, retry budget and timeouts. Picklable, so it
+    travels with the tasks to worker processes and Dask workers."""
+
+    endpoint_url: str | None
+    region: str
+    max_attempts: int
+    connect_timeout_s: float
+    read_timeout_s: float
+
+    @classmethod
+    def from_infra(cls, infra=None) -> S3Settings:
+        """From ``infra`` (its defaults when None); ``AWS_ENDPOINT_URL`` and ``AWS_DEFAULT_REGION``
+        win where set, as the README documents."""
+        from tasks.config import InfraConfig
+
+        infra = infra or InfraConfig()
+        return cls(
+            os.environ.get("AWS_ENDPOINT_URL") or infra.s3_endpoint_url or None,
+            os.environ.get("AWS_DEFAULT_REGION") or infra.s3_region,
+            infra.s3_max_attempts,
+            infra.s3_connect_timeout_s,
+            infra.s3_read_timeout_s,
+        )
+
+    @property
+    def where(self) -> str:
+        return self.endpoint_url or f"AWS S3 ({self.region})"
+
+
 @lru_cache(maxsize=8)
-def _client(endpoint_url: str | None, region: str, max_attempts: int):
+def _client(s3: S3Settings):
     import boto3
     from botocore.config import Config
 
     cfg = Config(
-        retries={"mode": "standard", "max_attempts": max_attempts},
-        connect_timeout=5,
-        read_timeout=60,
-        region_name=region,
+        retries={"mode": "standard", "max_attempts": s3.max_attempts},
+        connect_timeout=s3.connect_timeout_s,
+        read_timeout=s3.read_timeout_s,
+        region_name=s3.region,
     )
-    return boto3.session.Session().client("s3", endpoint_url=endpoint_url, config=cfg)
+    return boto3.session.Session().client("s3", endpoint_url=s3.endpoint_url, config=cfg)
 
 
-def s3_client(endpoint_url: str | None = None, region: str | None = None, max_attempts: int = 5):
-    """A boto3 S3 client. ``endpoint_url`` falls back to ``AWS_ENDPOINT_URL`` (boto3 reads it too)."""
-    endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
-    region = region or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-    return _client(endpoint, region, max_attempts)
+def s3_client(s3: S3Settings | None = None):
+    """A boto3 S3 client configured from ``infra`` (see :class:`S3Settings`)."""
+    return _client(s3 or S3Settings.from_infra())
 
 
-def explain_s3_error(exc: Exception, uri: str) -> StorageError:
+def explain_s3_error(exc: Exception, uri: str, s3: S3Settings | None = None) -> StorageError:
     """Turn a botocore exception into a message that names the location and the fix."""
-    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+    from botocore.exceptions import (
+        ClientError,
+        ConnectTimeoutError,
+        EndpointConnectionError,
+        NoCredentialsError,
+        ReadTimeoutError,
+    )
 
+    s3 = s3 or S3Settings.from_infra()
+    if isinstance(exc, ReadTimeoutError | ConnectTimeoutError):
+        what = "did not answer" if isinstance(exc, ReadTimeoutError) else "could not be connected"
+        return StorageError(
+            f"{uri}: the S3 endpoint {s3.where} {what} within "
+            f"{s3.read_timeout_s if isinstance(exc, ReadTimeoutError) else s3.connect_timeout_s:g} s "
+            f"({s3.max_attempts} attempts); check infra.s3_endpoint_url / AWS_ENDPOINT_URL and "
+            "that the server is up (timeouts: infra.s3_connect_timeout_s, infra.s3_read_timeout_s)"
+        )
     if isinstance(exc, NoCredentialsError):
         return StorageError(
             f"{uri}: no AWS credentials found; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE"
         )
     if isinstance(exc, EndpointConnectionError):
         return StorageError(
-            f"{uri}: cannot reach the S3 endpoint ({exc}); check infra.s3_endpoint_url or AWS_ENDPOINT_URL"
+            f"{uri}: cannot reach the S3 endpoint {s3.where} ({exc}); check infra.s3_endpoint_url or AWS_ENDPOINT_URL"
         )
     if isinstance(exc, ClientError):
         code = exc.response.get("Error", {}).get("Code", "")
@@ -80,6 +216,11 @@ def explain_s3_error(exc: Exception, uri: str) -> StorageError:
         if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
             return StorageError(
                 f"{uri}: access denied ({code}); check the credentials and the bucket policy"
+            )
+        if code in ("SlowDown", "503", "500", "InternalError", "ServiceUnavailable"):
+            return StorageError(
+                f"{uri}: S3 at {s3.where} kept failing ({code}) after {s3.max_attempts} attempts; "
+                "retry later or raise infra.s3_max_attempts"
             )
         return StorageError(f"{uri}: S3 error {code}: {exc}")
     if "NoSuchBucket" in str(exc):  # boto3's managed transfers wrap the ClientError
@@ -95,10 +236,10 @@ class ObjectInfo:
     size: int
 
 
-def list_s3(uri: str, client=None, page_size: int = 1000) -> Iterator[ObjectInfo]:
+def list_s3(uri: str, s3: S3Settings | None = None, page_size: int = 1000) -> Iterator[ObjectInfo]:
     """Every object under an ``s3://bucket/prefix``, in key order, through paginated listing."""
     bucket, prefix = split_s3(uri)
-    client = client or s3_client()
+    client = s3_client(s3)
     pages = client.get_paginator("list_objects_v2").paginate(
         Bucket=bucket, Prefix=prefix, PaginationConfig={"PageSize": page_size}
     )
@@ -108,26 +249,26 @@ def list_s3(uri: str, client=None, page_size: int = 1000) -> Iterator[ObjectInfo
                 if not obj["Key"].endswith("/"):
                     yield ObjectInfo(f"s3://{bucket}/{obj['Key']}", int(obj["Size"]))
     except Exception as exc:  # botocore raises many types; all are explained the same way
-        raise explain_s3_error(exc, uri) from exc
+        raise explain_s3_error(exc, uri, s3) from exc
 
 
-def read_bytes(uri: str, client=None) -> bytes:
+def read_bytes(uri: str, s3: S3Settings | None = None) -> bytes:
     if is_s3(uri):
         bucket, key = split_s3(uri)
-        client = client or s3_client()
         try:
-            return client.get_object(Bucket=bucket, Key=key)["Body"].read()
+            return s3_client(s3).get_object(Bucket=bucket, Key=key)["Body"].read()
         except Exception as exc:
-            raise explain_s3_error(exc, uri) from exc
+            raise explain_s3_error(exc, uri, s3) from exc
     return Path(uri).read_bytes()
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(path.name), suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with disk_guard(path), os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -147,13 +288,17 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Build a folder in a temporary sibling; on success it replaces ``path`` whole.
 
-    On any error the temporary folder is removed and the previous ``path`` (if any) is untouched.
+    On any error the temporary folder is removed and the previous ``path`` (if any) is untouched;
+    a full disk is reported as :class:`DiskFullError` naming ``path``. Temporary folders of killed
+    runs are removed first.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    remove_stale_temporaries(path)
+    tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(path.name), suffix=".tmp", dir=path.parent))
     try:
-        yield tmp
+        with disk_guard(path):
+            yield tmp
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700
         old = None
         if path.exists():
@@ -167,19 +312,19 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         raise
 
 
-def upload_file(local: str | Path, uri: str, client=None) -> None:
-    """Upload with boto3's managed transfer (multipart for large files, with retries)."""
+def upload_file(local: str | Path, uri: str, s3: S3Settings | None = None) -> None:
+    """Upload with boto3's managed transfer (multipart for large files, with retries; a failed
+    multipart upload is aborted, so no partial object appears under the key)."""
     bucket, key = split_s3(uri)
-    client = client or s3_client()
     try:
-        client.upload_file(str(local), bucket, key)
+        s3_client(s3).upload_file(str(local), bucket, key)
     except Exception as exc:
-        raise explain_s3_error(exc, uri) from exc
+        raise explain_s3_error(exc, uri, s3) from exc
 
 
-def download_file(uri: str, local: str | Path, client=None) -> None:
+def download_file(uri: str, local: str | Path, s3: S3Settings | None = None) -> None:
     bucket, key = split_s3(uri)
-    client = client or s3_client()
+    client = s3_client(s3)
     local = Path(local)
     local.parent.mkdir(parents=True, exist_ok=True)
     tmp = local.with_name(f".{local.name}.part")
@@ -189,4 +334,4 @@ def download_file(uri: str, local: str | Path, client=None) -> None:
     except Exception as exc:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
-        raise explain_s3_error(exc, uri) from exc
+        raise explain_s3_error(exc, uri, s3) from exc

@@ -9,18 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import subprocess
 from collections.abc import Iterator
 from typing import Any
 
 from tasks.config import InfraConfig, Params, to_flat_dict
 from tasks.env import REPO_ROOT
+from tasks.redaction import install_log_redaction, redact_flat
 
 PARENT_ENV = "LLMFORGE_PARENT_RUN_ID"
-_SECRET_KEY = re.compile(
-    r"(secret|password|passwd|token|api_?key|access_?key|credential|private)", re.I
-)
 
 
 def tracking_uri(infra: InfraConfig) -> str:
@@ -32,9 +29,8 @@ def tracking_uri(infra: InfraConfig) -> str:
 
 
 def redact(flat: dict[str, Any]) -> dict[str, Any]:
-    return {
-        k: ("***" if _SECRET_KEY.search(k) and v not in (None, "") else v) for k, v in flat.items()
-    }
+    """Secret keys (exact names) and credential-shaped values masked; harmless keys stay visible."""
+    return redact_flat(flat)
 
 
 def git_commit() -> str:
@@ -66,6 +62,7 @@ def _setup(infra: InfraConfig):
 @contextlib.contextmanager
 def pipeline_run(params: Params) -> Iterator[Any]:
     """The parent run; stage runs started inside it (in this process or a child) nest under it."""
+    install_log_redaction()
     mlflow = _setup(params.infra)
     with mlflow.start_run(
         run_name="pipeline", tags={"llmforge.kind": "pipeline", "git_commit": git_commit()}
@@ -84,7 +81,9 @@ def pipeline_run(params: Params) -> Iterator[Any]:
 
 @contextlib.contextmanager
 def stage_run(stage: str, params: Params, section: str) -> Iterator[Any]:
-    """A run for one stage, logged with its own params section (and infra)."""
+    """A run for one stage, logged with its own params section (and infra). Log lines of the
+    stage pass through the secret redaction from here on."""
+    install_log_redaction()
     mlflow = _setup(params.infra)
     parent = os.environ.get(PARENT_ENV)
     tags = {"llmforge.kind": "stage", "llmforge.stage": stage, "git_commit": git_commit()}

@@ -3,17 +3,36 @@ run's step metrics, loss curve and summary to MLflow."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from tasks.config import TrainConfig
+from tasks.redaction import redact_text
+
+EXIT_STOPPED = 75  # model.train's status for a run stopped by SIGTERM (checkpoint written)
+STOPPED_PREFIX = "stopped:"
 
 
 class TrainError(RuntimeError):
     pass
+
+
+class TrainStopped(TrainError):
+    """The run was stopped (SIGTERM, preemption) after a checkpoint; rerunning resumes it."""
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """Linux: this process receives ``sig`` when its parent dies (PR_SET_PDEATHSIG), so no
+    launcher or worker outlives the process that started it."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).prctl(1, sig)
 
 
 def torchrun_command(cfg: TrainConfig, params_file: str, overrides: list[str]) -> list[str]:
@@ -33,29 +52,84 @@ def torchrun_command(cfg: TrainConfig, params_file: str, overrides: list[str]) -
 
 
 def run_torchrun(cmd: list[str], log: Callable[[str], None], cwd: str | None = None) -> None:
-    """Run torchrun, streaming every line to ``log``; fail with the last error line."""
+    """Run torchrun, streaming every line (secrets masked) to ``log``; fail with the last error
+    line. SIGTERM or SIGINT to this process is passed on to torchrun, which stops the workers at a
+    checkpoint; the run then raises :class:`TrainStopped`, never returns as a success."""
     proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, cwd=cwd
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+        cwd=cwd,
+        preexec_fn=die_with_parent,  # torchrun stops (SIGTERM) if this flow dies
+    )
+    received: list[int] = []
+
+    def forward(signum, frame):
+        received.append(signum)
+        proc.send_signal(signal.SIGTERM)
+
+    main_thread = __import__("threading").current_thread() is __import__("threading").main_thread()
+    old = (
+        {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+        if main_thread
+        else {}
     )
     errors: list[str] = []
+    stopped = ""
     assert proc.stdout is not None
-    for line in proc.stdout:
-        line = line.rstrip()
-        if (
-            not line
-            or "UserWarning" in line
-            or line.startswith("  return func(")
-            or set(line) == {"*"}
-        ):
-            continue
-        if line.startswith("error:") or "Error" in line:
-            errors.append(line)
-        log(line)
-    if proc.wait() != 0:
+    try:
+        for line in proc.stdout:
+            line = redact_text(line.rstrip())
+            if (
+                not line
+                or "UserWarning" in line
+                or line.startswith("  return func(")
+                or set(line) == {"*"}
+            ):
+                continue
+            if line.startswith(STOPPED_PREFIX):
+                stopped = line
+            elif line.startswith("error:") or "Error" in line:
+                errors.append(line)
+            log(line)
+        code = proc.wait()
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if stopped or (received and code != 0):
+        raise TrainStopped(
+            f"training was stopped ({stopped.removeprefix(STOPPED_PREFIX).strip() or 'signal'}); "
+            "no export or metrics were written. Rerun the stage to resume from the last checkpoint"
+        )
+    if code != 0:
         msg = next(
             (e for e in reversed(errors) if e.startswith("error:")), errors[-1] if errors else ""
         )
-        raise TrainError(f"training failed (exit {proc.returncode}): {msg.removeprefix('error: ')}")
+        raise TrainError(f"training failed (exit {code}): {msg.removeprefix('error: ')}")
+
+
+def check_inputs(cfg: TrainConfig) -> None:
+    """Data-dependent checks, before any flow, run or process starts (where the tokens exist
+    already; in a pipeline run the tokenize stage makes them first)."""
+    index_path = Path(cfg.tokens_dir) / "index.json"
+    if not index_path.exists():
+        return
+    index = json.loads(index_path.read_text())
+    train_tokens = index["splits"]["train"]["tokens"]
+    if train_tokens < cfg.seq_len + 1:
+        raise TrainError(
+            f"train.seq_len {cfg.seq_len} is longer than the training split ({train_tokens} "
+            f"tokens in {cfg.tokens_dir}); lower train.seq_len or ingest more data"
+        )
+    try:
+        cfg.model_shape(index["vocab_size"])
+    except ValueError as exc:
+        raise TrainError(f"train: {exc}") from None
 
 
 def loss_curve_png(records: list[dict], path: str | Path) -> None:

@@ -1,0 +1,176 @@
+"""Secrets: one recogniser, used everywhere a value could leave the process.
+
+A secret is recognised by its key (exact names such as ``password`` or ``hub_token``, never a
+substring: ``tokenize.eos_token`` is not a secret) and by its value (credentials inside URLs, the
+shapes of known keys and tokens, and the current values of the environment's secret variables).
+Ingest's PII scrubber uses the same value patterns on the corpus; params refuse secrets outright
+(``check_params_free_of_secrets``), and MLflow params, log lines and written files pass through
+``redact_text``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from typing import Any
+
+# The last component of a dotted key that names a secret (the whole component, not a substring).
+SECRET_KEY = re.compile(
+    r"^(?:.*_)?(?:password|passwd|secret|secret_key|secret_access_key|api_key|apikey|"
+    r"access_token|auth_token|hub_token|session_token|private_key|credentials?)$",
+    re.I,
+)
+
+# (kind, literal that every match contains in lower case, pattern, replacement). The literal is
+# checked first (fast), so a pattern only scans the lines that can match it.
+PATTERNS: tuple[tuple[str, str, re.Pattern[str], str], ...] = (
+    (
+        "private_key",
+        "private key-----",
+        re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----[\s\S]*?-----END [A-Z ]*PRIVATE KEY-----"),
+        "<PRIVATE_KEY>",
+    ),
+    ("aws_access_key", "a", re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"), "<AWS_ACCESS_KEY_ID>"),
+    (
+        "aws_secret_key",
+        "_access_key",
+        re.compile(r"(?i)(aws_secret_access_key\s*[=:]\s*['\"]?)[A-Za-z0-9/+=]{40}"),
+        r"\1<AWS_SECRET_ACCESS_KEY>",
+    ),
+    ("github_token", "gh", re.compile(r"\bgh[pousr]_[A-Za-z0-9]{36,}\b"), "<GITHUB_TOKEN>"),
+    ("slack_token", "xox", re.compile(r"\bxox[abprs]-[A-Za-z0-9-]{10,}\b"), "<SLACK_TOKEN>"),
+    ("google_api_key", "aiza", re.compile(r"\bAIza[0-9A-Za-z_-]{35}\b"), "<GOOGLE_API_KEY>"),
+    ("hf_token", "hf_", re.compile(r"\bhf_[A-Za-z0-9]{30,}\b"), "<HF_TOKEN>"),
+    ("openai_key", "sk-", re.compile(r"\bsk-(?:proj-)?[A-Za-z0-9_-]{20,}\b"), "<OPENAI_API_KEY>"),
+    (
+        "url_credentials",
+        "://",
+        re.compile(r"(://)[^\s/:@'\"]+:[^\s/@'\"]+@"),
+        r"\1<USER>:<PASSWORD>@",
+    ),
+    (
+        "url_token",
+        "=",
+        re.compile(
+            r"(?i)([?&](?:access_token|token|api_key|apikey|auth|secret|password|sig|signature)=)[^&\s'\"#]{6,}"
+        ),
+        r"\1<TOKEN>",
+    ),
+)
+
+# Environment variables whose values are redacted wherever they appear (plus any variable whose
+# name ends like a secret key, e.g. MY_SERVICE_PASSWORD).
+SECRET_ENV = (
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "HF_TOKEN",
+    "HUGGING_FACE_HUB_TOKEN",
+    "OPENAI_API_KEY",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+    "PREFECT_API_KEY",
+)
+MASK = "***"
+
+
+def is_secret_key(key: str) -> bool:
+    return bool(SECRET_KEY.match(key.rsplit(".", 1)[-1]))
+
+
+def _secret_env_values() -> list[str]:
+    values = []
+    for name, value in os.environ.items():
+        if (name in SECRET_ENV or is_secret_key(name)) and len(value) >= 8:
+            values.append(value)
+    return sorted(values, key=len, reverse=True)
+
+
+def on_lines(text: str, literal: str, fn) -> tuple[str, int]:
+    """Apply ``fn(line) -> (line, n)`` only to the lines containing ``literal`` (any case)."""
+    if literal not in text.lower():
+        return text, 0
+    lines = text.split("\n")
+    total = 0
+    for i, line in enumerate(lines):
+        if literal in line.lower():
+            lines[i], n = fn(line)
+            total += n
+    return ("\n".join(lines), total) if total else (text, 0)
+
+
+def replace_patterns(text: str) -> tuple[str, dict[str, int]]:
+    """Every credential-shaped value replaced by its placeholder, with counts by kind."""
+    counts: dict[str, int] = {}
+    for kind, literal, pattern, repl in PATTERNS:
+        if kind == "private_key":  # spans lines; its literal makes the scan fast
+            text, n = pattern.subn(repl, text) if literal in text.lower() else (text, 0)
+        else:
+            text, n = on_lines(text, literal, lambda line, p=pattern, r=repl: p.subn(r, line))
+        if n:
+            counts[kind] = counts.get(kind, 0) + n
+    return text, counts
+
+
+def redact_text(text: str) -> str:
+    """``text`` with credentials and the environment's secret values masked."""
+    if not text:
+        return text
+    for value in _secret_env_values():
+        if value in text:
+            text = text.replace(value, MASK)
+    return replace_patterns(text)[0]
+
+
+def redact_value(key: str, value: Any) -> Any:
+    if value in (None, ""):
+        return value
+    if is_secret_key(key):
+        return MASK
+    return redact_text(value) if isinstance(value, str) else value
+
+
+def redact_flat(flat: dict[str, Any]) -> dict[str, Any]:
+    """A flat ``{dotted.key: value}`` with secret keys and secret-looking values masked."""
+    return {k: redact_value(k, v) for k, v in flat.items()}
+
+
+def secrets_in(flat: dict[str, Any]) -> list[str]:
+    """The dotted keys whose value is a secret (by key name or by value); values never returned."""
+    found = []
+    for key, value in flat.items():
+        if value in (None, "", [], {}):
+            continue
+        strings = [v for v in (value if isinstance(value, list) else [value]) if isinstance(v, str)]
+        if is_secret_key(key) or any(redact_text(v) != v for v in strings):
+            found.append(key)
+    return found
+
+
+class RedactingFilter(logging.Filter):
+    """Masks secrets in a log record's message before any handler (console, Prefect API) sees it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            msg = record.getMessage()
+        except Exception:  # a malformed record is logged as is
+            return True
+        clean = redact_text(msg)
+        if clean != msg:
+            record.msg, record.args = clean, ()
+        return True
+
+
+_FILTER = RedactingFilter()
+
+
+def install_log_redaction() -> None:
+    """Attach the filter to Prefect's run loggers and to every handler of the root and Prefect
+    loggers (idempotent). Called by the flows when they start, not at import."""
+    for name in ("prefect.flow_runs", "prefect.task_runs", "prefect", ""):
+        logger = logging.getLogger(name)
+        if _FILTER not in logger.filters:
+            logger.addFilter(_FILTER)
+        for handler in logger.handlers:
+            if _FILTER not in handler.filters:
+                handler.addFilter(_FILTER)
