@@ -169,7 +169,7 @@ def _client(s3: S3Settings):
     from botocore.config import Config
 
     cfg = Config(
-        retries={"mode": "standard", "max_attempts": s3.max_attempts},
+        retries={"mode": "standard", "total_max_attempts": s3.max_attempts},  # first one included
         connect_timeout=s3.connect_timeout_s,
         read_timeout=s3.read_timeout_s,
         region_name=s3.region,
