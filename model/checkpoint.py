@@ -19,6 +19,7 @@ import os
 import pickle
 import re
 import shutil
+import signal
 from pathlib import Path
 
 import torch
@@ -132,7 +133,14 @@ def rng_state() -> dict:
 
 
 def save(
-    ckpt_dir: str | Path, step: int, model, optim, meta: dict, extra: dict, keep_last: int
+    ckpt_dir: str | Path,
+    step: int,
+    model,
+    optim,
+    meta: dict,
+    extra: dict,
+    keep_last: int,
+    debug_kill: bool = False,
 ) -> Path:
     root = Path(ckpt_dir)
     final = root / f"step-{step:08d}"
@@ -150,6 +158,8 @@ def save(
         shutil.rmtree(tmp, ignore_errors=True)  # never leave a partial checkpoint behind
         raise
     _barrier()
+    if debug_kill and _rank() == 0:
+        os.kill(os.getpid(), signal.SIGKILL)  # fault injection (train.debug_kill_in_checkpoint)
     if _rank() == 0:
         with disk_guard(root, f"the step-{step} checkpoint"):
             meta_text = json.dumps({**meta, "step": step}, indent=2, sort_keys=True)

@@ -114,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = train(cfg, log)
         if "stopped_at" in result:
+            if rank != 0:
+                return EXIT_STOPPED
             print(
                 f"{STOPPED_PREFIX} SIGTERM at step {result['stopped_at']} of {cfg.max_steps}; "
                 f"checkpoint written to {cfg.ckpt_dir}; rerun to resume",

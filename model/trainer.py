@@ -139,13 +139,14 @@ class StopRequested:
         self.requested = True
 
 
-def all_mean(x: torch.Tensor) -> float:
+def all_mean(x: torch.Tensor) -> float | list[float]:
+    """The mean over ranks of a scalar (a float) or a vector (a list), in one all-reduce."""
     if dist.is_initialized():
         x = x.clone()
         dist.all_reduce(x, op=dist.ReduceOp.AVG if x.is_cuda else dist.ReduceOp.SUM)
         if not x.is_cuda:
             x /= dist.get_world_size()
-    return float(x)
+    return float(x) if x.dim() == 0 else x.tolist()
 
 
 @torch.no_grad()
@@ -263,7 +264,12 @@ def train(cfg: TrainConfig, log=print) -> dict:
                     loss = loss * float("nan")
             (loss / accum).backward()
             loss_sum += loss.detach().float()
-        loss_val = all_mean(loss_sum / accum)
+        # The stop request rides on the loss all-reduce: every rank learns at the same step that
+        # some rank got SIGTERM, so all of them write the same checkpoint and exit together
+        # (a per-rank flag let one rank enter the collective save while another started a step).
+        requested = torch.tensor(float(stop.requested), device=d.device)
+        loss_val, stop_votes = all_mean(torch.stack([loss_sum / accum, requested]))
+        stopping = stop_votes > 0
         if not math.isfinite(loss_val):
             raise NonFiniteLossError(
                 f"loss is {loss_val} at step {step}; stopped without a checkpoint past step {step - 1}. "
@@ -301,7 +307,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
                     + (f" val {val_loss:.4f}" if "val_loss" in rec else "")
                 )
             t_last, tokens_since = time.perf_counter(), 0
-        if step % cfg.ckpt_every == 0 or step == cfg.max_steps or stop.requested:
+        if step % cfg.ckpt_every == 0 or step == cfg.max_steps or stopping:
             checkpoint.save(
                 cfg.ckpt_dir,
                 step,
@@ -310,8 +316,9 @@ def train(cfg: TrainConfig, log=print) -> dict:
                 meta,
                 {"step": step, "data": train_data.state_dict()},
                 cfg.keep_last,
+                debug_kill=cfg.debug_kill_in_checkpoint == step,
             )
-            if stop.requested:
+            if stopping:
                 log(f"SIGTERM: checkpoint written at step {step}; exiting")
                 return {"stopped_at": step}
     return {

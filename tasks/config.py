@@ -213,6 +213,9 @@ class TrainConfig(Section):
     seed: int = 1234
     export_check_tol: float = Field(default=1e-4, gt=0)  # max |logit difference| vs transformers
     debug_nan_at_step: int | None = None  # fault injection for tests: loss becomes NaN at this step
+    # Fault injection for tests: rank 0 SIGKILLs itself while writing this step's checkpoint
+    # (after the tensors, before the manifest that makes it complete).
+    debug_kill_in_checkpoint: int | None = None
 
     def model_shape(self, vocab_size: int = 8192):
         """The model's shape from the preset and the overrides above; ValueError names the key."""

@@ -1,0 +1,170 @@
+"""Training against preemption, kills and tampering: a stop is never a success, killed runs
+resume bit-exactly, no worker outlives its launcher, and a planted checkpoint never runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from model import checkpoint
+from tests.conftest import REPO, build_tokens
+from tests.test_train import params_file, run_train, sha
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return build_tokens(tmp_path_factory.mktemp("fault-data"))
+
+
+def torchrun(params: Path, nproc: int = 2) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+        + ["-m", "model.train", "--params", str(params)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        start_new_session=True,
+    )
+
+
+def lines(log: Path) -> int:
+    return len(log.read_text().splitlines()) if log.exists() else 0
+
+
+def wait_for_steps(log: Path, n: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    """Until this run has logged ``n`` more steps (a resumed run appends to the log)."""
+    n += lines(log)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if lines(log) >= n:
+            return
+        assert proc.poll() is None, "the run ended before the fault could be injected"
+        time.sleep(0.02)
+    raise AssertionError("no progress")
+
+
+def children(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True)
+    return [int(x) for x in out.stdout.split()]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    state = Path(f"/proc/{pid}/stat").read_text().split()[2] if Path(f"/proc/{pid}/stat").exists() else "X"
+    return state != "Z"
+
+
+def test_kills_on_two_processes_resume_bit_exact(data, tmp_path, figure):
+    """SIGKILL at a seeded random step, SIGKILL inside a checkpoint write, SIGTERM: each resumed
+    run carries on, and the final weights equal an uninterrupted run's to the bit."""
+    steps = 12
+    ref = tmp_path / "ref"
+    run_train(params_file(ref, data, max_steps=steps, ckpt_every=2), nproc=2)
+    victim = tmp_path / "victim"
+    params = params_file(victim, data, max_steps=steps, ckpt_every=2)
+    rng = random.Random(1234)
+    survived = 0
+
+    # 1. SIGKILL to the launcher's whole group at a random step.
+    proc = torchrun(params)
+    wait_for_steps(victim / "log.jsonl", rng.randint(3, 5), proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(60)
+    assert not (victim / "hf").exists()
+    survived += 1
+
+    # 2. Rank 0 dies in the middle of a checkpoint write (tensors written, manifest not).
+    kill_at = rng.choice([6, 8])
+    crash = params_file(victim, data, max_steps=steps, ckpt_every=2, debug_kill_in_checkpoint=kill_at)
+    proc = torchrun(crash)
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode != 0 and "resumed from" in out
+    assert all(int(p.name[5:]) < kill_at for p in checkpoint.complete_checkpoints(victim / "ckpt"))
+    survived += 1
+    params = params_file(victim, data, max_steps=steps, ckpt_every=2)  # the same file, no fault
+
+    # 3. SIGTERM (preemption): a checkpoint, then exit 75, and torchrun reports failure.
+    proc = torchrun(params)
+    wait_for_steps(victim / "log.jsonl", 2, proc)
+    os.killpg(proc.pid, signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode != 0 and "stopped: SIGTERM at step" in out, out[-2000:]
+    assert not (victim / "hf").exists() and not (victim / "train.json").exists()
+    survived += 1
+
+    final = run_train(params, nproc=2)
+    assert "resumed from" in final.stdout
+    same = sha(victim / "hf" / "model.safetensors") == sha(ref / "hf" / "model.safetensors")
+    figure("kills survived (2 processes)", f"{survived}/3 {'bit-exact' if same else 'DIFFERENT'}")
+    assert same
+
+
+def test_worker_dies_with_its_launcher(data, tmp_path, figure):
+    d = tmp_path / "orphan"
+    proc = torchrun(params_file(d, data, max_steps=400, ckpt_every=1000), nproc=1)
+    wait_for_steps(d / "log.jsonl", 2, proc)
+    workers = children(proc.pid)
+    assert workers
+    proc.send_signal(signal.SIGKILL)  # the launcher alone, not its group
+    proc.wait(30)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(alive(w) for w in workers):
+        time.sleep(0.1)
+    left = [w for w in workers if alive(w)]
+    figure("workers left after SIGKILL to torchrun", len(left))
+    for w in left:
+        os.kill(w, signal.SIGKILL)
+    assert left == []
+
+
+def _planted_pickle(marker: Path) -> bytes:
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))  # creating a file stands for running any code
+
+    return pickle.dumps(Payload())
+
+
+def test_tampered_checkpoint_is_refused_before_unpickling(data, tmp_path, figure):
+    d = tmp_path / "tamper"
+    run_train(params_file(d, data, max_steps=2, ckpt_every=2))
+    ck = checkpoint.latest(d / "ckpt")
+    marker = tmp_path / "payload-ran"
+    params = params_file(d, data, max_steps=4, ckpt_every=2)
+
+    (ck / ".metadata").write_bytes(_planted_pickle(marker))
+    out = run_train(params, check=False)
+    assert out.returncode == 3 and ".metadata changed since it was written" in out.stderr
+    assert "Traceback" not in out.stderr and not marker.exists()
+
+    # Someone who can also rewrite the manifest is trusted (README), but a per-rank file that is
+    # not what save() writes is still refused with a clear message, not a traceback.
+    run_train(params_file(d, data, max_steps=2, ckpt_every=2), check=False)
+    for p in d.glob("ckpt/step-*"):
+        import shutil
+
+        shutil.rmtree(p)
+    run_train(params_file(d, data, max_steps=2, ckpt_every=2))
+    ck = checkpoint.latest(d / "ckpt")
+    (ck / "extra-rank0.pt").write_bytes(_planted_pickle(marker))
+    checkpoint.write_manifest(ck)
+    out = run_train(params, check=False)
+    assert out.returncode == 3 and "weights_only" in out.stderr and "Traceback" not in out.stderr
+    assert not marker.exists()
+    figure("planted checkpoints executed", 0)
