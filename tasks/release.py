@@ -17,8 +17,8 @@ import os
 import shutil
 import sysconfig
 import tarfile
-import zlib
 import tempfile
+import zlib
 from pathlib import Path
 
 import yaml

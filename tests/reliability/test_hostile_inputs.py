@@ -33,7 +33,9 @@ def ingest(tmp: Path, uri: str, **kw) -> tuple[list[dict], str]:
     finalize([process_shard(s, cfg) for s in plan_shards(cfg)], cfg, out_dir=cfg.out_dir)
     rows = [json.loads(x) for x in (tmp / "out" / "quarantine.jsonl").read_text().splitlines()]
     text = "".join(
-        t for p in sorted((tmp / "out").glob("part-*.parquet")) for t in pq.read_table(p)["text"].to_pylist()
+        t
+        for p in sorted((tmp / "out").glob("part-*.parquet"))
+        for t in pq.read_table(p)["text"].to_pylist()
     )
     return rows, text
 
@@ -115,6 +117,6 @@ print(max(0, peak - base) // 1024, "|".join(getattr(r, "reason", "ok") for r in 
     )
     assert res.returncode == 0, res.stderr
     grown_mb, reasons = res.stdout.split(maxsplit=1)
-    figure("gzip bomb (1 GiB from %d KB): extra memory MB" % (compressed // 1024), grown_mb)
+    figure(f"gzip bomb (1 GiB from {compressed // 1024} KB): extra memory MB", grown_mb)
     assert "oversized" in reasons and "ok" in reasons
     assert int(grown_mb) < 64  # inflated whole, it was 1024 MB

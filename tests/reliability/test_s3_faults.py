@@ -162,7 +162,9 @@ def test_interrupted_multipart_upload_leaves_nothing(proxied, tmp_path, figure):
         upload_file(big, f"s3://{bucket}/release/big.bin", settings(proxy.url, attempts=2))
     objects = s3.list_objects_v2(Bucket=bucket, Prefix="release/").get("KeyCount", 0)
     uploads = s3.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
-    figure("s3 interrupted multipart: objects, incomplete uploads left", f"{objects}, {len(uploads)}")
+    figure(
+        "s3 interrupted multipart: objects, incomplete uploads left", f"{objects}, {len(uploads)}"
+    )
     assert objects == 0 and uploads == []
     proxy.plan = lambda m, path: None
     upload_file(big, f"s3://{bucket}/release/big.bin", settings(proxy.url))

@@ -3,7 +3,6 @@ resume bit-exactly, no worker outlives its launcher, and a planted checkpoint ne
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import random
@@ -66,7 +65,11 @@ def alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    state = Path(f"/proc/{pid}/stat").read_text().split()[2] if Path(f"/proc/{pid}/stat").exists() else "X"
+    state = (
+        Path(f"/proc/{pid}/stat").read_text().split()[2]
+        if Path(f"/proc/{pid}/stat").exists()
+        else "X"
+    )
     return state != "Z"
 
 
@@ -91,7 +94,9 @@ def test_kills_on_two_processes_resume_bit_exact(data, tmp_path, figure):
 
     # 2. Rank 0 dies in the middle of a checkpoint write (tensors written, manifest not).
     kill_at = rng.choice([6, 8])
-    crash = params_file(victim, data, max_steps=steps, ckpt_every=2, debug_kill_in_checkpoint=kill_at)
+    crash = params_file(
+        victim, data, max_steps=steps, ckpt_every=2, debug_kill_in_checkpoint=kill_at
+    )
     proc = torchrun(crash)
     out = proc.communicate(timeout=300)[0]
     assert proc.returncode != 0 and "resumed from" in out
