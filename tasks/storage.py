@@ -36,12 +36,23 @@ class DiskFullError(StorageError):
 
 
 def _errnos(exc: BaseException) -> set[int]:
-    seen, out = set(), set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, OSError) and exc.errno:
-            out.add(exc.errno)
-        exc = exc.__cause__ or exc.__context__
+    """Every errno in the exception's chain, and in the per-rank failures that torch's
+    distributed checkpoint collects (CheckpointException.failures)."""
+    seen, out, todo = set(), set(), [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno:
+            out.add(e.errno)
+        failures = getattr(e, "failures", None)
+        if isinstance(failures, dict):  # values: an exception, or (exception, stack)
+            for f in failures.values():
+                f = f[0] if isinstance(f, tuple) and f else f
+                if isinstance(f, BaseException):
+                    todo.append(f)
+        todo += [e.__cause__, e.__context__]
     return out
 
 
@@ -68,9 +79,9 @@ def disk_guard(path: str | Path, what: str = "") -> Iterator[None]:
     """Turn a write failure on a full disk into :class:`DiskFullError` naming ``path``."""
     try:
         yield
-    except DiskFullError:
+    except (DiskFullError, KeyboardInterrupt, SystemExit, GeneratorExit):
         raise
-    except Exception as exc:
+    except BaseException as exc:  # torch's CheckpointException derives from BaseException
         if not is_disk_full(exc, path):
             raise
         usage = shutil.disk_usage(_existing(path))
@@ -79,7 +90,7 @@ def disk_guard(path: str | Path, what: str = "") -> Iterator[None]:
             f"({usage.free / 1e6:.1f} MB free of {usage.total / 1e6:.1f} MB) while writing "
             f"{what or 'it'}; free some space or point this output at a larger disk, then rerun "
             f"(completed outputs and checkpoints are kept; the partial one was removed). "
-            f"Underlying error: {type(exc).__name__}: {exc}"
+            f"Underlying error: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
         ) from exc
 
 
