@@ -53,7 +53,8 @@ PATTERNS: tuple[tuple[str, str, re.Pattern[str], str], ...] = (
         "url_token",
         "=",
         re.compile(
-            r"(?i)([?&](?:access_token|token|api_key|apikey|auth|secret|password|sig|signature)=)[^&\s'\"#]{6,}"
+            r"(?i)([?&](?:access_token|token|api_key|apikey|auth|secret|password|sig|signature|"
+            r"x-amz-signature|x-amz-credential|x-amz-security-token)=)[^&\s'\"#]{6,}"
         ),
         r"\1<TOKEN>",
     ),

@@ -114,11 +114,14 @@ def run_torchrun(cmd: list[str], log: Callable[[str], None], cwd: str | None = N
 
 
 def check_inputs(cfg: TrainConfig) -> None:
-    """Data-dependent checks, before any flow, run or process starts (where the tokens exist
-    already; in a pipeline run the tokenize stage makes them first)."""
+    """Data-dependent checks for ``python -m flows.train``, before any flow, run or process
+    starts (a pipeline run makes the tokens first, so it checks the shape only)."""
     index_path = Path(cfg.tokens_dir) / "index.json"
     if not index_path.exists():
-        return
+        raise TrainError(
+            f"{index_path} not found: run the tokenize stage first (python -m flows.tokenize), "
+            "or point train.tokens_dir at packed tokens"
+        )
     index = json.loads(index_path.read_text())
     train_tokens = index["splits"]["train"]["tokens"]
     if train_tokens < cfg.seq_len + 1:

@@ -120,3 +120,40 @@ print(max(0, peak - base) // 1024, "|".join(getattr(r, "reason", "ok") for r in 
     figure(f"gzip bomb (1 GiB from {compressed // 1024} KB): extra memory MB", grown_mb)
     assert "oversized" in reasons and "ok" in reasons
     assert int(grown_mb) < 64  # inflated whole, it was 1024 MB
+
+
+class _Zeros:
+    def __init__(self, n: int):
+        self.left = n
+
+    def read(self, k: int = -1) -> bytes:
+        k = self.left if k < 0 else min(k, self.left)
+        self.left -= k
+        return b"\0" * k
+
+
+def test_release_archive_bomb_is_refused_before_extracting(tmp_path, figure):
+    import tarfile
+    import time
+
+    from tasks.release import ReleaseError, verify
+
+    bomb = tmp_path / "llmforge-demo-0.1.0.tar.gz"
+    size = 1 << 30
+    with gzip.open(bomb, "wb", compresslevel=1) as gz, tarfile.open(fileobj=gz, mode="w|") as tar:
+        info = tarfile.TarInfo("llmforge-demo-0.1.0/model.safetensors")
+        info.size = size
+        tar.addfile(info, _Zeros(size))
+    t = time.monotonic()
+    before = __import__("shutil").disk_usage(tmp_path).used
+    try:
+        verify(str(bomb), load=False)
+        raise AssertionError("accepted")
+    except ReleaseError as exc:
+        assert "unsafe archive" in str(exc) and "refused before extracting" in str(exc)
+    grown = (__import__("shutil").disk_usage(tmp_path).used - before) >> 20
+    figure(
+        f"release bomb ({bomb.stat().st_size >> 20} MB -> 1 GiB): refused after s, MB written",
+        f"{time.monotonic() - t:.1f}, {max(grown, 0)}",
+    )
+    assert grown < 64

@@ -35,7 +35,9 @@ def call(port: int, path: str, body: bytes | str | dict, headers: dict | None = 
     if isinstance(body, dict | list):
         body = json.dumps(body)
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    conn.request("POST", path, body=body, headers={"Content-Type": "application/json", **(headers or {})})
+    conn.request(
+        "POST", path, body=body, headers={"Content-Type": "application/json", **(headers or {})}
+    )
     resp = conn.getresponse()
     data = resp.read()
     conn.close()
@@ -91,7 +93,11 @@ def test_burst_of_concurrent_clients_gets_answers(server, figure):
 
     def client():
         try:
-            results.append(call(server, "/v1/completions", {"prompt": "def f", "max_tokens": 4}, timeout=120)[0])
+            results.append(
+                call(server, "/v1/completions", {"prompt": "def f", "max_tokens": 4}, timeout=120)[
+                    0
+                ]
+            )
         except OSError as exc:  # a reset or refused connection
             results.append(type(exc).__name__)
 

@@ -173,3 +173,70 @@ def test_tampered_checkpoint_is_refused_before_unpickling(data, tmp_path, figure
     assert out.returncode == 3 and "weights_only" in out.stderr and "Traceback" not in out.stderr
     assert not marker.exists()
     figure("planted checkpoints executed", 0)
+
+
+def test_preempted_flow_fails_and_a_rerun_resumes(data, tmp_path, prefect_server, figure):
+    """SIGTERM to ``python -m flows.train``: exit 75, the Prefect run ends Failed, no export or
+    metrics; the same command again resumes from the checkpoint and completes."""
+    from tests.test_cli_and_flows import api
+
+    d = tmp_path / "flow"
+    params = params_file(d, data, max_steps=40, ckpt_every=100)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{d}/m.db"}
+    cmd = [sys.executable, "-m", "flows.train", "--params", str(params)]
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    wait_for_steps(d / "log.jsonl", 3, proc, timeout=300)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err[-2000:]
+    assert "stopped:" in err and "Rerun the stage to resume" in err
+    assert not (d / "hf").exists() and not (d / "train.json").exists()
+    runs = api(
+        prefect_server, "/flow_runs/filter", {"sort": "EXPECTED_START_TIME_DESC", "limit": 5}
+    )
+    state = next(r["state"]["type"] for r in runs if r["name"] and r["state"])
+    assert state == "FAILED", state
+    again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resumed from" in again.stdout + again.stderr
+    assert (d / "hf" / "model.safetensors").exists()
+    figure("preempted train flow: exit status, Prefect state, rerun", f"75, {state}, resumed")
+
+
+def test_bad_shape_fails_before_anything_starts(tmp_path, figure):
+    t = time.monotonic()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"}
+    env.pop("PREFECT_API_URL", None)
+    out = subprocess.run(
+        [sys.executable, "-m", "flows.train", "train.n_head=7"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    took = time.monotonic() - t
+    assert out.returncode == 2 and "train.n_head" in out.stderr, out.stderr[-1500:]
+    assert not (tmp_path / "m.db").exists() and "Beginning flow run" not in out.stdout + out.stderr
+    figure("train.n_head=7 refused after s, before any flow or run", f"{took:.1f}")
+    assert took < 15
+
+
+def test_mfu_never_above_one(figure):
+    """The CPU roof is the theoretical peak, which a timed matmul on this machine never passes."""
+    import torch
+
+    from model.trainer import cpu_peak
+
+    n = 1024
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    best = 0.0
+    for _ in range(5):
+        t = time.perf_counter()
+        a @ b
+        best = max(best, 2 * n**3 / (time.perf_counter() - t))
+    peak, how = cpu_peak()
+    figure("best matmul vs CPU roof", f"{100 * best / peak:.0f}% ({how})")
+    assert best < peak
