@@ -13,7 +13,6 @@ folder *and* its manifest is trusted, as whoever can write the code is.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -32,7 +31,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from tasks.storage import atomic_write_text, disk_guard
+from tasks.storage import atomic_write_text, disk_guard, sha256_file
 
 _STEP = re.compile(r"^step-(\d{8})$")
 
@@ -48,14 +47,6 @@ class CheckpointIntegrityError(CheckpointMismatchError):
 MANIFEST = "manifest.json"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _files(root: Path) -> list[str]:
     return sorted(
         p.relative_to(root).as_posix()
@@ -65,7 +56,7 @@ def _files(root: Path) -> list[str]:
 
 
 def write_manifest(root: Path) -> None:
-    files = {name: _sha256(root / name) for name in _files(root)}
+    files = {name: sha256_file(root / name) for name in _files(root)}
     atomic_write_text(root / MANIFEST, json.dumps({"sha256": files}, indent=2, sort_keys=True))
 
 
@@ -90,7 +81,7 @@ def verify_manifest(path: Path) -> None:
             f"({', '.join(sorted(extra or missing))}); {hint}"
         )
     for name, digest in listed.items():
-        if _sha256(path / name) != digest:
+        if sha256_file(path / name) != digest:
             raise CheckpointIntegrityError(
                 f"{path}: {name} changed since it was written (SHA-256 mismatch); {hint}"
             )
@@ -147,7 +138,8 @@ def save(
     tmp = root / f".tmp-step-{step:08d}"
     if _rank() == 0:
         root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)  # a leftover from a killed run
+        for stale in root.glob(".tmp-step-*"):  # leftovers of killed runs: never complete
+            shutil.rmtree(stale, ignore_errors=True)
     _barrier()
     state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optim)}
     try:

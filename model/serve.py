@@ -68,7 +68,7 @@ class Limits:
 
 
 class Engine:
-    def __init__(self, model_dir: str, timeout_s: float = 60.0):
+    def __init__(self, model_dir: str, timeout_s: float = 60.0, context: int | None = None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
@@ -77,7 +77,9 @@ class Engine:
         )
         self.model.eval()
         self.name = model_dir
-        self.context = int(self.model.config.max_position_embeddings)
+        # Prompt + max_tokens must fit here: the trained context unless the caller raises it
+        # (rotary embeddings run past it, with quality the caller has chosen to accept).
+        self.context = context or int(self.model.config.max_position_embeddings)
         self.timeout_s = timeout_s
         self.lock = threading.Lock()
 
@@ -319,8 +321,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-queue", type=int, default=Limits.max_queue)
     ap.add_argument("--max-body-bytes", type=int, default=Limits.max_body_bytes)
     ap.add_argument("--request-timeout", type=float, default=Limits.request_timeout_s)
+    ap.add_argument(
+        "--context",
+        type=int,
+        default=None,
+        help="longest prompt + max_tokens served (default: the model's max_position_embeddings)",
+    )
     args = ap.parse_args(argv)
-    engine = Engine(args.model, args.request_timeout)
+    engine = Engine(args.model, args.request_timeout, args.context)
     limits = Limits(args.max_body_bytes, args.max_queue, args.request_timeout)
     print(
         f"serving {args.model} on http://{args.host}:{args.port}/v1 (completions, chat/completions, "

@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from model import checkpoint
 from model.data import TokenLoader
-from model.model import Llama, ModelConfig
+from model.model import Llama
 from model.parallelize import parallelize
 from tasks.config import TrainConfig
 
@@ -184,16 +184,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
         raise FileNotFoundError(
             f"{cfg.tokens_dir}/index.json not found: run the tokenize stage first (python -m flows.tokenize)"
         )
-    mcfg = ModelConfig.preset(
-        cfg.preset,
-        vocab_size=index["vocab_size"],
-        max_seq_len=cfg.seq_len,
-        n_layer=cfg.n_layer,
-        n_head=cfg.n_head,
-        n_kv_head=cfg.n_kv_head,
-        d_model=cfg.d_model,
-        tie_embeddings=cfg.tie_embeddings,
-    )
+    mcfg = cfg.model_shape(index["vocab_size"])
     per_step = cfg.micro_batch * cfg.seq_len * d.world
     if cfg.global_batch_tokens % per_step:
         raise ValueError(

@@ -10,7 +10,6 @@ mtimes and owners, a gzip header without a timestamp). ``verify`` checks a bundl
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
 import json
 import os
@@ -25,7 +24,7 @@ import yaml
 
 from tasks.config import Params, to_flat_dict
 from tasks.redaction import redact_text
-from tasks.storage import S3Settings, atomic_dir, download_file, is_s3, upload_file
+from tasks.storage import S3Settings, atomic_dir, download_file, is_s3, sha256_file, upload_file
 from tasks.tracking import git_commit, redact
 
 LICENSES = Path(__file__).with_name("licenses")
@@ -41,14 +40,6 @@ MODEL_FILES = (
 
 class ReleaseError(RuntimeError):
     pass
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def dvc_lineage(lock_path: Path = Path("dvc.lock")) -> dict:

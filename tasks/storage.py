@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import glob
+import hashlib
 import os
 import shutil
 import socket
@@ -92,6 +93,14 @@ def disk_guard(path: str | Path, what: str = "") -> Iterator[None]:
             f"(completed outputs and checkpoints are kept; the partial one was removed). "
             f"Underlying error: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
         ) from exc
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _tmp_prefix(name: str) -> str:

@@ -193,6 +193,7 @@ def test_registry_has_version_and_aliases_on_a_server(inputs, tmp_path, mlflow_s
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     mlflow.set_tracking_uri(mlflow_server)
+    mlflow.set_experiment("registry")  # not whatever experiment an earlier test made active
     root, data = inputs
     p = params(root, data, str(tmp_path))
     bundle = build_bundle(p, "run-1")

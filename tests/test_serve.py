@@ -21,7 +21,9 @@ def served(tmp_path_factory):
     run_train(params_file(root / "t", data, max_steps=4))
     model = root / "t" / "hf"
     port = free_port()
+    # lm-eval's prompts are longer than this tiny model's 32-token training context.
     cmd = [sys.executable, "-m", "model.serve", "--model", str(model), "--port", str(port)]
+    cmd += ["--context", "4096"]
     with running_server(cmd, f"http://127.0.0.1:{port}/v1/models", root / "serve.log", timeout=120):
         yield model, f"http://127.0.0.1:{port}/v1"
 
