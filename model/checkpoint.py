@@ -183,20 +183,35 @@ def verify(path: Path) -> None:
         raise CheckpointIntegrityError(error)
 
 
-def check_meta(path: Path, meta: dict) -> dict:
+def mismatch(path: Path, meta: dict) -> str:
+    """Why the checkpoint at ``path`` belongs to another run ("" when it is this run's)."""
     saved = json.loads((path / "meta.json").read_text())
-    for key in ("model", "data_fingerprint", "world_size"):
+    what = {
+        "model": "model config",
+        "data_fingerprint": "dataset (tokens, tokenizer, seq_len or seed)",
+        "world_size": "number of processes",
+        "train": "train params",
+    }
+    for key, name in what.items():
         if saved.get(key) != meta.get(key):
-            what = {
-                "model": "model config",
-                "data_fingerprint": "dataset",
-                "world_size": "number of processes",
-            }[key]
-            raise CheckpointMismatchError(
-                f"{path} was written with a different {what} ({saved.get(key)!r} vs {meta.get(key)!r}); "
-                f"resume with the original settings, or start fresh by moving the checkpoint folder away"
-            )
-    return saved
+            if isinstance(meta.get(key), dict) and isinstance(saved.get(key), dict):
+                keys = sorted(
+                    k
+                    for k in meta[key].keys() | saved[key].keys()
+                    if meta[key].get(k) != saved[key].get(k)
+                )
+                return f"{path.name} was written with a different {name} ({', '.join(keys)})"
+            return f"{path.name} was written with a different {name}"
+    return ""
+
+
+def discard(ckpt_dir: str | Path) -> None:
+    """Remove every checkpoint of an older, different run (rank 0; every rank waits)."""
+    root = Path(ckpt_dir)
+    if _rank() == 0 and root.is_dir():
+        for p in [*root.glob("step-*"), *root.glob(".tmp-step-*")]:
+            shutil.rmtree(p, ignore_errors=True)
+    _barrier()
 
 
 def load(path: Path, model, optim) -> dict:

@@ -214,13 +214,21 @@ def train(cfg: TrainConfig, log=print) -> dict:
         "model": mcfg.to_dict(),
         "data_fingerprint": train_data.fingerprint,
         "world_size": d.world,
+        "train": cfg.trajectory(),
     }
 
     step = 0
     last = checkpoint.latest(cfg.ckpt_dir)
     if last is not None:
         checkpoint.verify(last)  # before anything in it is opened
-        checkpoint.check_meta(last, meta)
+        # The checkpoint folder persists across stage reruns (dvc.yaml), so that a preempted run
+        # resumes; one written by a different run is never resumed, it is replaced.
+        why = checkpoint.mismatch(last, meta)
+        if why:
+            log(f"not resuming: {why}; starting fresh (its checkpoints are removed)")
+            checkpoint.discard(cfg.ckpt_dir)
+            last = None
+    if last is not None:
         extra = checkpoint.load(last, model, optim)
         train_data.load_state_dict(extra["data"])
         step = int(extra["step"])

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -216,6 +216,23 @@ class TrainConfig(Section):
     # Fault injection for tests: rank 0 SIGKILLs itself while writing this step's checkpoint
     # (after the tensors, before the manifest that makes it complete).
     debug_kill_in_checkpoint: int | None = None
+
+    # Fields that change how a run is carried out or reported, not what it computes: a checkpoint
+    # written under other values of these is still resumed.
+    OPERATIONAL: ClassVar[frozenset[str]] = frozenset(
+        {
+            "tokens_dir", "tokenizer_dir", "ckpt_dir", "export_dir", "log_file", "metrics_file",
+            "plot_file", "log_every", "eval_every", "eval_batches", "ckpt_every", "keep_last",
+            "compile", "activation_checkpointing", "device", "nproc_per_node", "nnodes",
+            "rdzv_endpoint", "max_restarts", "threads", "export_check_tol", "debug_nan_at_step",
+            "debug_kill_in_checkpoint",
+        }
+    )  # fmt: skip
+
+    def trajectory(self) -> dict:
+        """The params that decide the run's weights, step by step (checkpointed, compared on
+        resume)."""
+        return {k: v for k, v in self.model_dump().items() if k not in self.OPERATIONAL}
 
     def model_shape(self, vocab_size: int = 8192):
         """The model's shape from the preset and the overrides above; ValueError names the key."""

@@ -139,20 +139,21 @@ def test_kill_9_and_resume_gives_identical_weights(data, tmp_path):
 
 def test_half_written_checkpoint_is_ignored(data, tmp_path):
     d = tmp_path / "run"
-    params = params_file(d, data, max_steps=4)
-    run_train(params)
+    # Killed while writing its step-6 checkpoint: the tensors are there, the manifest is not.
+    out = run_train(params_file(d, data, max_steps=8, debug_kill_in_checkpoint=6), check=False)
+    assert out.returncode == -9
     good = checkpoint.latest(d / "ckpt")
     assert good is not None and good.name == "step-00000004"
-    # A later checkpoint killed while being written: DCP's .metadata never appeared.
-    broken = d / "ckpt" / "step-00000006"
+    assert (d / "ckpt" / ".tmp-step-00000006" / ".metadata").exists()
+    # A checkpoint folder whose DCP .metadata and manifest never appeared.
+    broken = d / "ckpt" / "step-00000008"
     broken.mkdir()
     (broken / "__0_0.distcp").write_bytes(b"partial")
     (broken / "meta.json").write_text("{}")
-    (d / "ckpt" / ".tmp-step-00000008").mkdir()
     assert checkpoint.latest(d / "ckpt") == good
-    params = params_file(d, data, max_steps=6)
-    out = run_train(params)
+    out = run_train(params_file(d, data, max_steps=8))
     assert "resumed from" in out.stdout and "step-00000004" in out.stdout
+    assert not (d / "ckpt" / ".tmp-step-00000006").exists()  # cleared by the next save
 
 
 def test_nan_stops_with_clear_error_and_no_later_checkpoint(data, tmp_path):
@@ -167,11 +168,19 @@ def test_nan_stops_with_clear_error_and_no_later_checkpoint(data, tmp_path):
     assert not (d / "hf").exists()
 
 
-def test_checkpoint_from_other_model_is_refused(data, tmp_path):
+def test_checkpoint_of_another_run_is_not_resumed(data, tmp_path):
     d = tmp_path / "m"
     run_train(params_file(d, data, max_steps=2))
-    out = run_train(params_file(d, data, max_steps=4, d_model=32), check=False)
-    assert out.returncode != 0 and "different model config" in out.stderr
+    out = run_train(params_file(d, data, max_steps=4, d_model=32))
+    assert "not resuming: step-00000002 was written with a different model config" in out.stdout
+    assert "resumed from" not in out.stdout
+    out = run_train(params_file(d, data, max_steps=4, d_model=32, lr=1e-3))
+    assert "different train params (lr)" in out.stdout
+    # Operational settings (logging, checkpoint cadence) do not make it another run.
+    out = run_train(params_file(d, data, max_steps=6, d_model=32, lr=1e-3, log_every=2))
+    assert "different train params (max_steps)" in out.stdout
+    out = run_train(params_file(d, data, max_steps=6, d_model=32, lr=1e-3, ckpt_every=3))
+    assert "resumed from" in out.stdout
 
 
 def test_export_round_trip_logits_and_generate(data, tmp_path):
