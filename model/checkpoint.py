@@ -194,6 +194,8 @@ def mismatch(path: Path, meta: dict) -> str:
     }
     for key, name in what.items():
         if saved.get(key) != meta.get(key):
+            if key not in saved:
+                return f"{path.name} was written by an older version (no {name} recorded)"
             if isinstance(meta.get(key), dict) and isinstance(saved.get(key), dict):
                 keys = sorted(
                     k
