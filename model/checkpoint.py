@@ -183,9 +183,14 @@ def verify(path: Path) -> None:
         raise CheckpointIntegrityError(error)
 
 
-def mismatch(path: Path, meta: dict) -> str:
-    """Why the checkpoint at ``path`` belongs to another run ("" when it is this run's)."""
+def not_resumable(path: Path, meta: dict) -> str:
+    """Why the checkpoint at ``path`` is not where this run goes on ("" when it is): it ends a
+    completed run (a rerun of the stage means its code or inputs changed), or another run wrote
+    it (other model, data, processes or train params)."""
     saved = json.loads((path / "meta.json").read_text())
+    done = (saved.get("train") or {}).get("max_steps")
+    if done is not None and saved.get("step", 0) >= done:
+        return f"{path.name} ends a completed run"
     what = {
         "model": "model config",
         "data_fingerprint": "dataset (tokens, tokenizer, seq_len or seed)",

@@ -222,8 +222,8 @@ def train(cfg: TrainConfig, log=print) -> dict:
     if last is not None:
         checkpoint.verify(last)  # before anything in it is opened
         # The checkpoint folder persists across stage reruns (dvc.yaml), so that a preempted run
-        # resumes; one written by a different run is never resumed, it is replaced.
-        why = checkpoint.mismatch(last, meta)
+        # resumes; a completed run, or one with other settings, is replaced instead.
+        why = checkpoint.not_resumable(last, meta)
         if why:
             log(f"not resuming: {why}; starting fresh (its checkpoints are removed)")
             checkpoint.discard(cfg.ckpt_dir)

@@ -170,17 +170,19 @@ def test_nan_stops_with_clear_error_and_no_later_checkpoint(data, tmp_path):
 
 def test_checkpoint_of_another_run_is_not_resumed(data, tmp_path):
     d = tmp_path / "m"
-    run_train(params_file(d, data, max_steps=2))
-    out = run_train(params_file(d, data, max_steps=4, d_model=32))
+    stop = dict(debug_kill_in_checkpoint=4)  # an interrupted run: complete checkpoint at step 2
+    assert run_train(params_file(d, data, max_steps=6, **stop), check=False).returncode == -9
+    out = run_train(params_file(d, data, max_steps=6, d_model=32, **stop), check=False)
     assert "not resuming: step-00000002 was written with a different model config" in out.stdout
     assert "resumed from" not in out.stdout
-    out = run_train(params_file(d, data, max_steps=4, d_model=32, lr=1e-3))
+    out = run_train(params_file(d, data, max_steps=6, d_model=32, lr=1e-3, **stop), check=False)
     assert "different train params (lr)" in out.stdout
     # Operational settings (logging, checkpoint cadence) do not make it another run.
     out = run_train(params_file(d, data, max_steps=6, d_model=32, lr=1e-3, log_every=2))
-    assert "different train params (max_steps)" in out.stdout
-    out = run_train(params_file(d, data, max_steps=6, d_model=32, lr=1e-3, ckpt_every=3))
-    assert "resumed from" in out.stdout
+    assert "resumed from" in out.stdout and "step-00000002" in out.stdout
+    # A completed run is not resumed: rerunning the stage trains again.
+    out = run_train(params_file(d, data, max_steps=6, d_model=32, lr=1e-3))
+    assert "not resuming: step-00000006 ends a completed run" in out.stdout
 
 
 def test_export_round_trip_logits_and_generate(data, tmp_path):

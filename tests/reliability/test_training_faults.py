@@ -147,12 +147,14 @@ def _planted_pickle(marker: Path) -> bytes:
 
 
 def test_tampered_checkpoint_is_refused_before_unpickling(data, tmp_path, figure):
-    d = tmp_path / "tamper"
-    run_train(params_file(d, data, max_steps=2, ckpt_every=2))
-    ck = checkpoint.latest(d / "ckpt")
-    marker = tmp_path / "payload-ran"
-    params = params_file(d, data, max_steps=4, ckpt_every=2)
+    def interrupted(d: Path) -> tuple[Path, Path]:
+        """A run killed while writing its step-4 checkpoint: step 2 is complete and resumable."""
+        out = run_train(params_file(d, data, max_steps=4, debug_kill_in_checkpoint=4), check=False)
+        assert out.returncode == -9
+        return checkpoint.latest(d / "ckpt"), params_file(d, data, max_steps=4)
 
+    marker = tmp_path / "payload-ran"
+    ck, params = interrupted(tmp_path / "metadata")
     (ck / ".metadata").write_bytes(_planted_pickle(marker))
     out = run_train(params, check=False)
     assert out.returncode == 3 and ".metadata changed since it was written" in out.stderr
@@ -160,13 +162,7 @@ def test_tampered_checkpoint_is_refused_before_unpickling(data, tmp_path, figure
 
     # Someone who can also rewrite the manifest is trusted (README), but a per-rank file that is
     # not what save() writes is still refused with a clear message, not a traceback.
-    run_train(params_file(d, data, max_steps=2, ckpt_every=2), check=False)
-    for p in d.glob("ckpt/step-*"):
-        import shutil
-
-        shutil.rmtree(p)
-    run_train(params_file(d, data, max_steps=2, ckpt_every=2))
-    ck = checkpoint.latest(d / "ckpt")
+    ck, params = interrupted(tmp_path / "extra")
     (ck / "extra-rank0.pt").write_bytes(_planted_pickle(marker))
     checkpoint.write_manifest(ck)
     out = run_train(params, check=False)
