@@ -47,14 +47,13 @@ def shared_ephemeral_server() -> None:
 
 
 EXIT_USER_ERROR = 2  # bad params or inputs: the message says what to change
-EXIT_STOPPED = 75  # stopped on request (SIGTERM, preemption) after a checkpoint: rerun to resume
 
 
 def run_cli(flow_fn, description: str, argv: list[str] | None = None, preflight=None) -> int:
     """Exit status: 0 done, 2 a problem the user can fix (one clear line), 75 stopped (resumable),
     1 anything else (a traceback). ``preflight(params)`` checks inputs before anything starts."""
     from tasks.redaction import install_log_redaction
-    from tasks.train import TrainStopped
+    from tasks.train import EXIT_STOPPED, TrainStopped  # 75: stopped after a checkpoint
 
     try:
         params, args = parse_cli(argv, description)  # fail on bad params before any work starts

@@ -4,7 +4,7 @@ A secret is recognised by its key (exact names such as ``password`` or ``hub_tok
 substring: ``tokenize.eos_token`` is not a secret) and by its value (credentials inside URLs, the
 shapes of known keys and tokens, and the current values of the environment's secret variables).
 Ingest's PII scrubber uses the same value patterns on the corpus; params refuse secrets outright
-(``check_params_free_of_secrets``), and MLflow params, log lines and written files pass through
+(``tasks.config.check_free_of_secrets``), and MLflow params, log lines and written files pass through
 ``redact_text``.
 """
 

@@ -352,16 +352,6 @@ def _records_from_parquet(item: Item, blob: bytes, field: str) -> Iterator[Raw |
             yield Bad(uri, f"wrong schema: {field!r} is {type(text).__name__}, not a string")
 
 
-def read_regular_file(path: str, max_bytes: int) -> bytes:
-    """Read a local file that is still a regular file when opened (no link followed at open, no
-    FIFO or device), and at most ``max_bytes`` + 1 bytes of it, whatever it grew to since listing."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(f"{path} is not a regular file")
-        return f.read(max_bytes + 1)
-
-
 def gunzip_bounded(blob: bytes, max_bytes: int) -> bytes | None:
     """Decompress gzip (every member) in a stream, stopping after ``max_bytes`` + 1 bytes: a bomb
     costs at most that much memory. None when the data is larger than ``max_bytes``."""
@@ -396,10 +386,7 @@ def read_item(
         )
         return
     try:
-        if is_s3(item.location):
-            blob = read_bytes(item.location, s3)
-        else:
-            blob = read_regular_file(item.location, cfg.max_file_bytes)
+        blob = read_bytes(item.location, s3, cfg.max_file_bytes)
     except Exception as exc:
         yield Bad(item.uri, f"unreadable: {type(exc).__name__}: {exc}")
         return

@@ -15,6 +15,7 @@ import hashlib
 import os
 import shutil
 import socket
+import stat
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -272,14 +273,22 @@ def list_s3(uri: str, s3: S3Settings | None = None, page_size: int = 1000) -> It
         raise explain_s3_error(exc, uri, s3) from exc
 
 
-def read_bytes(uri: str, s3: S3Settings | None = None) -> bytes:
+def read_bytes(uri: str, s3: S3Settings | None = None, max_bytes: int | None = None) -> bytes:
+    """An object's or a local file's bytes, at most ``max_bytes`` + 1 of them when given (so a
+    caller sees that it is larger, whatever it grew to since it was listed). A local path must
+    still be a regular file when opened: no link is followed at the open, no FIFO or device read."""
+    limit = -1 if max_bytes is None else max_bytes + 1
     if is_s3(uri):
         bucket, key = split_s3(uri)
         try:
-            return s3_client(s3).get_object(Bucket=bucket, Key=key)["Body"].read()
+            return s3_client(s3).get_object(Bucket=bucket, Key=key)["Body"].read(limit)
         except Exception as exc:
             raise explain_s3_error(exc, uri, s3) from exc
-    return Path(uri).read_bytes()
+    fd = os.open(uri, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{uri} is not a regular file")
+        return f.read(limit)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

@@ -1,8 +1,10 @@
 """model.serve for real: lm-eval's local-completions against it gives the direct scores."""
 
+import contextlib
 import json
 import sys
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -11,20 +13,30 @@ from tests.conftest import eval_fields, free_port, running_server
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
+@contextlib.contextmanager
+def serve_tiny_model(root: Path, max_steps: int, *server_args: str):
+    """Train a tiny model under ``root`` and serve it with ``model.serve``; yields (model, port)."""
     from tests.conftest import build_tokens
     from tests.test_train import params_file, run_train
 
-    root = tmp_path_factory.mktemp("serve")
     data = build_tokens(root / "d")
-    run_train(params_file(root / "t", data, max_steps=4))
+    run_train(params_file(root / "t", data, max_steps=max_steps))
     model = root / "t" / "hf"
     port = free_port()
-    # lm-eval's prompts are longer than this tiny model's 32-token training context.
     cmd = [sys.executable, "-m", "model.serve", "--model", str(model), "--port", str(port)]
-    cmd += ["--context", "4096"]
-    with running_server(cmd, f"http://127.0.0.1:{port}/v1/models", root / "serve.log", timeout=120):
+    with running_server(
+        [*cmd, *server_args], f"http://127.0.0.1:{port}/v1/models", root / "serve.log", timeout=120
+    ):
+        yield model, port
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    # lm-eval's prompts are longer than this tiny model's 32-token training context.
+    with serve_tiny_model(tmp_path_factory.mktemp("serve"), 4, "--context", "4096") as (
+        model,
+        port,
+    ):
         yield model, f"http://127.0.0.1:{port}/v1"
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -145,13 +146,13 @@ def test_release_archive_bomb_is_refused_before_extracting(tmp_path, figure):
         info.size = size
         tar.addfile(info, _Zeros(size))
     t = time.monotonic()
-    before = __import__("shutil").disk_usage(tmp_path).used
+    before = shutil.disk_usage(tmp_path).used
     try:
         verify(str(bomb), load=False)
         raise AssertionError("accepted")
     except ReleaseError as exc:
         assert "unsafe archive" in str(exc) and "refused before extracting" in str(exc)
-    grown = (__import__("shutil").disk_usage(tmp_path).used - before) >> 20
+    grown = (shutil.disk_usage(tmp_path).used - before) >> 20
     figure(
         f"release bomb ({bomb.stat().st_size >> 20} MB -> 1 GiB): refused after s, MB written",
         f"{time.monotonic() - t:.1f}, {max(grown, 0)}",

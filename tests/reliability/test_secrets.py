@@ -4,6 +4,7 @@ harmless keys that merely contain "token" stay readable."""
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -36,7 +37,7 @@ def test_secrets_as_params_are_refused_before_anything_starts(tmp_path, prefect_
         out = run_flow(
             "flows.train",
             o,
-            env={**__import__("os").environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"},
+            env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"},
         )
         assert out.returncode == 2 and "secret" in out.stderr, out.stderr[-1500:]
         assert time.monotonic() - t < 30

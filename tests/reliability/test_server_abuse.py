@@ -7,27 +7,20 @@ from __future__ import annotations
 import http.client
 import json
 import socket
-import sys
 import threading
 import time
 
 import pytest
 
-from tests.conftest import build_tokens, free_port, running_server
-from tests.test_train import params_file, run_train
+from tests.test_serve import serve_tiny_model
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("abuse")
-    data = build_tokens(root / "d")
-    run_train(params_file(root / "t", data, max_steps=2))
-    port = free_port()
-    cmd = [sys.executable, "-m", "model.serve", "--model", str(root / "t" / "hf")]
-    cmd += ["--port", str(port), "--max-queue", "4", "--request-timeout", "20"]
-    with running_server(cmd, f"http://127.0.0.1:{port}/v1/models", root / "serve.log", timeout=120):
+    args = ("--max-queue", "4", "--request-timeout", "20")
+    with serve_tiny_model(tmp_path_factory.mktemp("abuse"), 2, *args) as (_, port):
         yield port
 
 
