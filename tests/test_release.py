@@ -32,15 +32,13 @@ def inputs(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("release")
     data = build_tokens(root / "d")
-    run_train(params_file(root / "t", data, max_steps=4))
+    run_train(params_file(root / "t", data, max_steps=4, seq_len=256, global_batch_tokens=1024))
     ecfg = EvaluateConfig(
-        **eval_fields(root / "t" / "hf", data, root / "eval"),
-        humaneval_limit=2,
+        **eval_fields(root / "t" / "hf", data, root / "eval") | {"perplexity_max_tokens": 1024},
+        benchmarks=["humaneval"],
         max_gen_toks=8,
-        standard_benchmarks=[],
-        perplexity_max_tokens=1024,
     )
-    write_report(run_evaluate(ecfg, log=lambda m: None), ecfg.out_dir)
+    write_report(run_evaluate(ecfg, log=lambda m: None), ecfg.out_dir, ecfg.data_card)
     return root, data
 
 

@@ -14,13 +14,17 @@ pytestmark = pytest.mark.integration
 
 
 @contextlib.contextmanager
-def serve_tiny_model(root: Path, max_steps: int, *server_args: str):
+def serve_tiny_model(root: Path, max_steps: int, *server_args: str, seq_len: int = 32):
     """Train a tiny model under ``root`` and serve it with ``model.serve``; yields (model, port)."""
     from tests.conftest import build_tokens
     from tests.test_train import params_file, run_train
 
     data = build_tokens(root / "d")
-    run_train(params_file(root / "t", data, max_steps=max_steps))
+    run_train(
+        params_file(
+            root / "t", data, max_steps=max_steps, seq_len=seq_len, global_batch_tokens=4 * seq_len
+        )
+    )
     model = root / "t" / "hf"
     port = free_port()
     cmd = [sys.executable, "-m", "model.serve", "--model", str(model), "--port", str(port)]
@@ -32,11 +36,8 @@ def serve_tiny_model(root: Path, max_steps: int, *server_args: str):
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    # lm-eval's prompts are longer than this tiny model's 32-token training context.
-    with serve_tiny_model(tmp_path_factory.mktemp("serve"), 4, "--context", "4096") as (
-        model,
-        port,
-    ):
+    # A 1024-token context holds HumanEval's prompts and solutions in a 512-token vocabulary.
+    with serve_tiny_model(tmp_path_factory.mktemp("serve"), 4, seq_len=1024) as (model, port):
         yield model, f"http://127.0.0.1:{port}/v1"
 
 
@@ -69,16 +70,28 @@ def test_completions_and_chat(served):
 
 
 def test_local_completions_scores_equal_direct(served):
+    """lm-eval's API model through model.serve gives the bits per byte the stage measures
+    directly: the server's log-probabilities are the model's."""
     from lm_eval import simple_evaluate
 
     from tasks.config import EvaluateConfig
-    from tasks.evaluate import _metric, humaneval_tasks, lm_eval_run
+    from tasks.evaluate import (
+        _bpb_from_lls,
+        _simple_evaluate,
+        eval_lm,
+        humaneval_tasks,
+        model_context,
+    )
 
     model, base = served
-    cfg = EvaluateConfig(
-        model_dir=str(model), allow_code_execution=False, max_length=4096, batch_size=1
-    )
-    direct = lm_eval_run(cfg, humaneval_tasks(cfg), 0, 4)
+    cfg = EvaluateConfig(model_dir=str(model), allow_code_execution=False, batch_size=1)
+
+    def bpb(res):
+        s = res["samples"]["llmforge_humaneval_bpb"]
+        lls = [x["filtered_resps"][0][0] for x in s]
+        return _bpb_from_lls(lls, [x["doc"]["canonical_solution"] for x in s])[0]["score"]
+
+    direct = _simple_evaluate(cfg, eval_lm(cfg, print), humaneval_tasks(cfg), 4)
     remote = simple_evaluate(
         model="local-completions",
         model_args={
@@ -88,15 +101,15 @@ def test_local_completions_scores_equal_direct(served):
             "tokenizer_backend": "huggingface",
             "num_concurrent": 1,
             "max_retries": 1,
-            "max_length": 4096,
+            "max_length": model_context(str(model)),
         },
         tasks=humaneval_tasks(cfg),
         num_fewshot=0,
         limit=4,
         bootstrap_iters=0,
+        log_samples=True,
     )
-    a, _ = _metric(direct, "llmforge_humaneval_bpb", "bits_per_byte")
-    b, _ = _metric(remote, "llmforge_humaneval_bpb", "bits_per_byte")
+    a, b = bpb(direct), bpb(remote)
     assert a > 0 and abs(a - b) < 1e-4 * a, (a, b)
 
 
@@ -107,10 +120,8 @@ def test_live_reference_column_beside_ours(served, tmp_path):
     model, base = served
     cfg = EvaluateConfig(
         **eval_fields(model, model.parent.parent / "d" / "data", tmp_path / "eval"),
-        humaneval_limit=2,
+        benchmarks=["humaneval"],
         max_gen_toks=8,
-        standard_benchmarks=[],
-        perplexity_max_tokens=512,
         live=LiveConfig(base_url=base, model="llmforge", label="served-copy"),
     )
     results = run_evaluate(cfg, log=lambda m: None)
@@ -133,10 +144,9 @@ def test_unreachable_live_endpoint_is_reported_not_fatal(served, tmp_path):
     model, _ = served
     cfg = EvaluateConfig(
         model_dir=str(model),
-        humaneval_limit=1,
+        limits={"humaneval": 1},
         allow_code_execution=False,
-        max_length=4096,
         live=LiveConfig(base_url=f"http://127.0.0.1:{free_port()}/v1", model="x"),
     )
-    out = run_live(cfg, log=lambda m: None)
+    out = run_live(cfg, 1024, log=lambda m: None)
     assert out["status"].startswith("not run:")
