@@ -236,3 +236,23 @@ def test_decontamination_texts_cover_each_benchmark():
     assert some_id in index.hits(ngram_hashes(token_hashes("intro " + text + " outro"), 13))
     assert len(bm.decontamination_texts("mmlu")) > 14_000
     assert len(bm.decontamination_texts("winogrande")) == 1267
+
+
+def test_a_corrupt_shipped_dataset_is_a_clear_not_run(tmp_path, monkeypatch):
+    """A truncated arrow file in the package: the row says which folder could not be read."""
+    import shutil
+
+    from tasks.evaluate import _timed
+
+    src = bm.package_root() / "hf_datasets" / "winogrande"
+    shutil.copytree(src, tmp_path / "hf_datasets" / "winogrande")
+    arrow = next((tmp_path / "hf_datasets" / "winogrande").rglob("*.arrow"))
+    arrow.write_bytes(arrow.read_bytes()[:1000])
+    monkeypatch.setattr(bm, "package_root", lambda: tmp_path)
+    lines = []
+    out = _timed("winogrande", lambda: bm.check_available("winogrande") or {}, lines.append)
+    assert (
+        out["status"].startswith("not run: cannot read ")
+        and "winogrande_xl/validation" in out["status"]
+    )
+    assert lines and "not run" in lines[0]
