@@ -60,7 +60,7 @@ def evaluate(params_file: str = "params.yaml", overrides: list[str] | None = Non
         log.info(
             "evaluate: gate %s in %.0f s; report %s/comparison.md; MLflow: %s",
             "passed" if results["gate"]["passed"] else "FAILED",
-            results["seconds"],
+            results["timings"]["total"],
             cfg.out_dir,
             url,
         )

@@ -337,8 +337,8 @@ def numeric_metrics(results: dict) -> dict[str, float]:
             elif k == "ci95" and isinstance(v, list):
                 out[f"eval.{name}.ci95_low"], out[f"eval.{name}.ci95_high"] = map(float, v)
     out["eval.gate_passed"] = float(results["gate"]["passed"])
-    if "seconds" in results:
-        out["eval.seconds"] = float(results["seconds"])
+    for k, v in results.get("timings", {}).items():
+        out[f"eval.time.{k}" if k.endswith("_per_s") else f"eval.seconds.{k}"] = float(v)
     return out
 
 
@@ -348,7 +348,8 @@ def write_report(results: dict, out_dir: str, card_path: str | None = None) -> l
     if card_path and Path(card_path).exists():
         card = json.loads(Path(card_path).read_text())
     with atomic_dir(out_dir) as tmp:
-        clean = {k: v for k, v in results.items() if k != "samples"}
+        # samples go to samples.jsonl; timings vary run to run and stay out of a DVC output
+        clean = {k: v for k, v in results.items() if k not in ("samples", "timings")}
         clean["comparison"] = rows
         clean["progress"] = progress_rows(results)
         (tmp / "results.json").write_text(json.dumps(clean, indent=2, sort_keys=True) + "\n")
