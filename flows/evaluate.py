@@ -11,7 +11,7 @@ from prefect.artifacts import create_table_artifact
 from flows.cli import run_cli
 from tasks import tracking
 from tasks.config import load_params
-from tasks.eval_report import numeric_metrics, progress_rows, write_report
+from tasks.eval_report import artifact_table, numeric_metrics, progress_rows, write_report
 from tasks.evaluate import run_evaluate
 
 
@@ -28,19 +28,7 @@ def evaluate(params_file: str = "params.yaml", overrides: list[str] | None = Non
         import mlflow
 
         mlflow.log_metrics(numeric_metrics(results))
-        table = [
-            {
-                "benchmark": r["benchmark"],
-                "ours": round(r["ours"], 1) if r["status"] == "ran" else r["status"],
-                "95% CI": f"{r['ci95'][0]:.1f}-{r['ci95'][1]:.1f}" if r["ci95"] else "",
-                "n": r["n"],
-                "shots": r["shots"],
-                "chance": r["chance"],
-                **{m: r["refs"][m] for m in r["refs"]},
-                "gap_to_gpt4": round(r["gap_to_gpt4"], 1) if r["gap_to_gpt4"] is not None else None,
-            }
-            for r in rows
-        ]
+        table = artifact_table(rows)
         mlflow.log_table({k: [row[k] for row in table] for k in table[0]}, "comparison_table.json")
         for name in ("comparison.md", "comparison.png", "results.json"):
             mlflow.log_artifact(str(out / name))

@@ -8,8 +8,10 @@ its outputs, so this entry point and ``dvc repro`` leave the same ``dvc.lock`` a
 from __future__ import annotations
 
 import sys
+import time
 
 from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
 
 from flows.cli import run_cli
 from flows.evaluate import evaluate
@@ -19,6 +21,7 @@ from flows.tokenize import tokenize
 from flows.train import train
 from tasks import dvc, tracking
 from tasks.config import load_params
+from tasks.summary import key_figure, pipeline_summary
 
 STAGES = {
     "ingest": ingest,
@@ -36,19 +39,37 @@ def pipeline(
     log = get_run_logger()
     params = load_params(params_file, overrides or [])
     record = not overrides and params_file == "params.yaml" and dvc.available()
-    results = {}
+    results, statuses, rows = {}, {}, []
     with tracking.pipeline_run(params) as run:
         for name, stage_flow in STAGES.items():
+            t0 = time.monotonic()
             if record and not force and dvc.up_to_date(name):
                 log.info("%s: up to date in dvc.lock, skipped", name)
-                results[name] = "skipped"
-                continue
-            if record:
-                dvc.clear_outs(name)
-            results[name] = stage_flow(params_file=params_file, overrides=overrides or [])
-            if record:
-                dvc.commit(name)
-        log.info("pipeline done; MLflow parent run %s", tracking.run_url(run, params.infra))
+                results[name], statuses[name] = "skipped", "skipped"
+            else:
+                if record:
+                    dvc.clear_outs(name)
+                results[name] = stage_flow(params_file=params_file, overrides=overrides or [])
+                statuses[name] = "ran"
+                if record:
+                    dvc.commit(name)
+            rows.append(
+                {
+                    "stage": name,
+                    "status": statuses[name],
+                    "seconds": time.monotonic() - t0,
+                    "figure": key_figure(name, results[name]),
+                }
+            )
+        tracking.record_stages(statuses)
+        where = {
+            "MLflow": tracking.run_url(run, params.infra),
+            "evaluation": f"{params.evaluate.out_dir}/comparison.md",
+            "data card": f"{params.data.out_dir}/card.json",
+        }
+        if flow_run.ui_url and str(flow_run.ui_url).startswith("http"):
+            where = {"Prefect": str(flow_run.ui_url), **where}
+        log.info("pipeline done\n%s", pipeline_summary(rows, where))
     return results
 
 

@@ -59,8 +59,15 @@ def release(params_file: str = "params.yaml", overrides: list[str] | None = None
         mlflow.log_artifact(str(bundle / "README.md"))
         create_markdown_artifact(
             key="release",
-            markdown=f"# Release {bundle.name}\n\n- bundle: `{bundle}`\n- tarball: `{tarball}`\n"
-            f"- gate passed: {manifest['gate']['passed']}\n- registered: {out['registered']}\n- uploaded: {len(out['uploaded'])} objects\n",
+            markdown=f"# Release {bundle.name}\n\n| | |\n|---|---|\n| bundle | `{bundle}` |\n"
+            f"| tarball | `{tarball}` |\n| gate | {'passed' if manifest['gate']['passed'] else 'FAILED'} |\n"
+            + (
+                f"| registry | {out['registered']['name']} version {out['registered']['version']}, "
+                f"aliases {', '.join(out['registered']['aliases']) or 'none'} |\n"
+                if out["registered"]
+                else "| registry | not registered (release.register_model) |\n"
+            )
+            + f"| uploaded | {len(out['uploaded'])} objects{' to ' + cfg.s3_uri if cfg.s3_uri else ''} |\n",
         )
     return out
 

@@ -14,6 +14,7 @@ from flows.cli import run_cli
 from tasks import tracking
 from tasks.config import load_params
 from tasks.redaction import redact_text
+from tasks.summary import markdown_table
 from tasks.train import check_inputs, log_to_mlflow, run_torchrun, torchrun_command
 
 
@@ -30,11 +31,8 @@ def train(params_file: str = "params.yaml", overrides: list[str] | None = None) 
         url = tracking.run_url(run, params.infra)
         create_markdown_artifact(
             key="train-summary",
-            markdown=(
-                "# Training\n\n| metric | value |\n|---|---|\n"
-                + "".join(f"| {k} | {v} |\n" for k, v in metrics.items())
-                + f"\nExport: `{cfg.export_dir}`  \nMLflow run: {url}\n"
-            ),
+            markdown=markdown_table(metrics, "Training")
+            + f"\nExport: `{cfg.export_dir}`  \nMLflow run: {url}\n",
         )
     return metrics
 

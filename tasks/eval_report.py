@@ -342,6 +342,41 @@ def numeric_metrics(results: dict) -> dict[str, float]:
     return out
 
 
+def headline_metrics(results: dict) -> dict[str, float]:
+    """The numbers ``dvc metrics show`` and ``dvc metrics diff`` display: one per benchmark (the
+    score), the held-out loss and bits per byte, and the gate (1 passed, 0 failed)."""
+    out: dict[str, float] = {}
+    for name, r in sorted(results["benchmarks"].items()):
+        if r.get("status") != "ran":
+            continue
+        if name == "val_perplexity":
+            out["val_loss"] = round(r["loss"], 4)
+            out["val_bits_per_byte"] = round(r["bits_per_byte"], 4)
+        elif name in PROGRESS:
+            out[f"{name.removesuffix('_bpb')}_bits_per_byte"] = round(r["score"], 4)
+        else:
+            out[name] = round(r["score"], 2)
+    out["gate_passed"] = int(results["gate"]["passed"])
+    return out
+
+
+def artifact_table(rows: list[dict]) -> list[dict]:
+    """The comparison as a Prefect table artifact and an MLflow table: rounded, one row each."""
+    return [
+        {
+            "benchmark": r["benchmark"],
+            "ours (%)": round(r["ours"], 1) if r["status"] == "ran" else r["status"],
+            "95% CI": f"{r['ci95'][0]:.1f}-{r['ci95'][1]:.1f}" if r["ci95"] else "",
+            "n": r["n"],
+            "shots": r["shots"],
+            "chance (%)": round(r["chance"], 1) if r["chance"] is not None else None,
+            **{m: r["refs"][m] for m in r["refs"]},
+            "gap to GPT-4": round(r["gap_to_gpt4"], 1) if r["gap_to_gpt4"] is not None else None,
+        }
+        for r in rows
+    ]
+
+
 def write_report(results: dict, out_dir: str, card_path: str | None = None) -> list[dict]:
     rows = comparison_rows(results)
     card = None
@@ -353,6 +388,9 @@ def write_report(results: dict, out_dir: str, card_path: str | None = None) -> l
         clean["comparison"] = rows
         clean["progress"] = progress_rows(results)
         (tmp / "results.json").write_text(json.dumps(clean, indent=2, sort_keys=True) + "\n")
+        (tmp / "metrics.json").write_text(
+            json.dumps(headline_metrics(results), indent=2, sort_keys=True) + "\n"
+        )
         (tmp / "comparison.md").write_text(comparison_markdown(results, rows, card))
         comparison_png(rows, clean["progress"], tmp / "comparison.png")
         with open(tmp / "samples.jsonl", "w") as f:

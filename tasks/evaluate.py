@@ -52,10 +52,6 @@ class _LmEvalNoise(logging.Filter):
         return "can be passed to `--metadata`" not in msg and "Truncating" not in msg
 
 
-for _name in ("lm_eval.api.task", "lm_eval.models.huggingface", "lm-eval"):
-    logging.getLogger(_name).addFilter(_LmEvalNoise())
-
-
 # ---------------------------------------------------------------- statistics
 
 
@@ -122,8 +118,10 @@ def model_context(model_dir: str) -> int:
 
 
 def tune_lm_eval() -> None:
-    """Two changes to how lm-eval runs, none to what it computes:
+    """Three changes to how lm-eval runs, none to what it computes (applied when the stage
+    starts, not at import):
 
+    - its warnings that mean nothing here are filtered out (``_LmEvalNoise``);
     - its progress bars are unlabelled and become one long line in a log; this stage logs
       labelled progress with rate and ETA instead (``tasks.generate.Progress``). tqdm reads its
       TQDM_DISABLE variable only at import, so the bars are turned off in lm-eval's modules;
@@ -139,6 +137,10 @@ def tune_lm_eval() -> None:
         m = import_module(mod)
         if getattr(m, "tqdm", None) is tqdm:
             m.tqdm = functools.partial(tqdm, disable=True)
+    for name in ("lm_eval.api.task", "lm_eval.models.huggingface", "lm-eval"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _LmEvalNoise) for f in logger.filters):
+            logger.addFilter(_LmEvalNoise())
     env = lm_eval.utils.env
     if not hasattr(env.from_string, "cache_info"):
         env.from_string = functools.lru_cache(maxsize=1024)(env.from_string)

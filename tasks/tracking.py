@@ -18,6 +18,9 @@ from tasks.env import REPO_ROOT
 from tasks.redaction import install_log_redaction, redact_flat
 
 PARENT_ENV = "LLMFORGE_PARENT_RUN_ID"
+# The MLflow UI opens an experiment in its GenAI view (traces, token costs) unless it is marked
+# as model development: this is a training pipeline.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
 def tracking_uri(infra: InfraConfig) -> str:
@@ -52,9 +55,14 @@ def _setup(infra: InfraConfig):
         location = None
         if tracking_uri(infra).startswith("sqlite:"):
             location = (REPO_ROOT / "mlartifacts").as_uri()
-        exp_id = mlflow.create_experiment(infra.mlflow_experiment, artifact_location=location)
+        exp_id = mlflow.create_experiment(
+            infra.mlflow_experiment, artifact_location=location, tags=EXPERIMENT_KIND
+        )
     else:
         exp_id = exp.experiment_id
+        if exp.tags.get("mlflow.experimentKind") != EXPERIMENT_KIND["mlflow.experimentKind"]:
+            for k, v in EXPERIMENT_KIND.items():  # an experiment made before this tag existed
+                mlflow.MlflowClient().set_experiment_tag(exp_id, k, v)
     mlflow.set_experiment(experiment_id=exp_id)
     return mlflow
 
@@ -65,7 +73,8 @@ def pipeline_run(params: Params) -> Iterator[Any]:
     install_log_redaction()
     mlflow = _setup(params.infra)
     with mlflow.start_run(
-        run_name="pipeline", tags={"llmforge.kind": "pipeline", "git_commit": git_commit()}
+        run_name="pipeline",
+        tags={"llmforge.kind": "pipeline", "git_commit": git_commit(), **prefect_tags()},
     ) as run:
         mlflow.log_params(redact(to_flat_dict(params.infra, "infra.")))
         old = os.environ.get(PARENT_ENV)
@@ -86,7 +95,13 @@ def stage_run(stage: str, params: Params, section: str) -> Iterator[Any]:
     install_log_redaction()
     mlflow = _setup(params.infra)
     parent = os.environ.get(PARENT_ENV)
-    tags = {"llmforge.kind": "stage", "llmforge.stage": stage, "git_commit": git_commit()}
+    tags = {
+        "llmforge.kind": "stage",
+        "llmforge.stage": stage,
+        "llmforge.status": "ran",
+        "git_commit": git_commit(),
+        **prefect_tags(),
+    }
     with mlflow.start_run(
         run_name=stage, parent_run_id=parent, nested=bool(parent), tags=tags
     ) as run:
@@ -95,6 +110,35 @@ def stage_run(stage: str, params: Params, section: str) -> Iterator[Any]:
         # MLflow caps a param value at 6000 characters.
         mlflow.log_params({k: str(v)[:6000] for k, v in redact(flat).items()})
         yield run
+
+
+def prefect_tags() -> dict[str, str]:
+    """The Prefect flow run this MLflow run belongs to (its id and UI address), when there is one."""
+    try:
+        from prefect.runtime import flow_run
+
+        run_id, url = flow_run.id, flow_run.ui_url
+    except Exception:  # outside a flow, or a Prefect without these fields
+        return {}
+    tags = {"prefect.flow_run_id": str(run_id)} if run_id else {}
+    if url and str(url).startswith("http"):  # "None/..." without a UI (an ephemeral server)
+        tags["prefect.flow_run_url"] = str(url)
+    return tags
+
+
+def record_stages(statuses: dict[str, str]) -> None:
+    """On the pipeline's parent run: which stages ran and which DVC found up to date (skipped),
+    as tags (``llmforge.stage.<name>``) and a ``stages.json`` artifact."""
+    import mlflow
+
+    mlflow.set_tags({f"llmforge.stage.{k}": v for k, v in statuses.items()})
+    ran = [k for k, v in statuses.items() if v == "ran"]
+    mlflow.set_tag(
+        "mlflow.note.content",
+        f"Stages run: {', '.join(ran) or 'none (every stage up to date in dvc.lock)'}; "
+        f"skipped (up to date): {', '.join(k for k, v in statuses.items() if v == 'skipped') or 'none'}.",
+    )
+    mlflow.log_dict(statuses, "stages.json")
 
 
 def run_url(run: Any, infra: InfraConfig) -> str:

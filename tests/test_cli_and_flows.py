@@ -3,6 +3,7 @@ MLflow runs in a SQLite store, and DVC in a temporary copy of the repo."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from flows.pipeline import STAGES
 from tests.conftest import REPO, make_corpus, run_flow
 
 pytestmark = pytest.mark.integration
@@ -247,6 +249,18 @@ def test_dvc_repro_then_noop_and_pipeline_flow_gives_same_lock(
     second = dvc(a, "repro")
     assert second.returncode == 0 and "Running stage" not in second.stdout, second.stdout
     assert "up to date" in dvc(a, "status").stdout
+    # What a user looks at through DVC, with no network: the plots page carries its own Vega
+    # (make setup writes the template; here for the copy), loss and validation loss in one
+    # plot; the metrics are numbers DVC reads without a warning.
+    subprocess.run([sys.executable, "-m", "tasks.plots", str(a)], check=True, cwd=REPO)
+    shown = dvc(a, "plots", "show", "-o", str(tmp_path / "plots"))
+    assert shown.returncode == 0, shown.stderr
+    page = (tmp_path / "plots" / "index.html").read_text()
+    assert "vegaEmbed(" in page and '"val_loss"' in page and '"loss"' in page
+    assert 'src="http' not in page and "cdn.jsdelivr" not in page
+    metrics = dvc(a, "metrics", "show")
+    assert metrics.returncode == 0 and "failed" not in metrics.stdout + metrics.stderr
+    assert "reports/eval/metrics.json" in metrics.stdout and "gate_passed" in metrics.stdout
 
     b = repo_copy(tmp_path / "b")
     out = run_flow("flows.pipeline", cwd=b, timeout=900)
@@ -255,6 +269,11 @@ def test_dvc_repro_then_noop_and_pipeline_flow_gives_same_lock(
     # (dill's captured dis() output, inherited log_prints) or transformers' generation warnings.
     assert "LOAD_GLOBAL" not in out.stdout + out.stderr
     assert "max_new_tokens" not in out.stdout + out.stderr
+    # The run ends with a summary: every stage, ran or skipped, its time and key figure.
+    summary = (out.stdout + out.stderr).split("pipeline done", 1)[1]
+    for stage in STAGES:
+        assert re.search(rf"^{stage}\s+(ran|skipped)\s", summary, re.M), summary[:2000]
+    assert "MLflow: http" in summary and "gate passed" in summary
     # Same outputs from both entry points. Training timings (tokens/s, MFU, wall time) and DCP's
     # checkpoint metadata differ from run to run by nature; the weights and losses must not.
     # The release names the MLflow run it came from, which differs between the two executions.
@@ -326,38 +345,51 @@ def test_train_flow_end_to_end_within_a_minute(prefect_server, mlflow_sqlite, tm
     arts = api(
         prefect_server, "/artifacts/filter", {"artifacts": {"key": {"any_": ["train-summary"]}}}
     )
-    assert arts and "tokens_per_s" in arts[0]["data"]
+    # formatted for people: units and rounding, not raw floats
+    assert arts and "| tokens per s |" in arts[0]["data"] and " tokens/s |" in arts[0]["data"]
+    assert "TFLOP/s |" in arts[0]["data"] and "| mfu |" in arts[0]["data"]
+
+
+def wait_for_run(server: str, deployment: str, timeout: float = 600) -> str | None:
+    deadline = time.monotonic() + timeout
+    state = None
+    while time.monotonic() < deadline:
+        runs = api(server, "/flow_runs/filter", {"deployments": {"name": {"any_": [deployment]}}})
+        state = runs[0]["state_type"] if runs else None
+        if state in ("COMPLETED", "FAILED", "CRASHED"):
+            break
+        time.sleep(2)
+    return state
 
 
 def test_deployment_runs_through_a_real_worker(prefect_server, mlflow_sqlite, tmp_path):
-    """prefect.yaml -> `prefect deploy` -> a process worker -> `prefect deployment run`, as a user would."""
-    make_corpus(tmp_path / "corpus")
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["data"].update(
-        sources=[{"uri": str(tmp_path / "corpus"), "name": "fixture"}],
-        min_chars=50,
-        out_dir=str(tmp_path / "clean"),
-        metrics_file=str(tmp_path / "m.json"),
-    )
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    env = {**os.environ, "LLMFORGE_HOME": str(REPO), "PREFECT_API_URL": prefect_server}
+    """prefect.yaml -> `prefect deploy --all` -> a process worker -> `prefect deployment run`, as a
+    user would: every flow has a deployment; the pipeline and one stage run through the worker
+    (on a copy of the repo with a tiny config), and MLflow shows what ran, with Prefect's links."""
+    import mlflow
+
+    home = repo_copy(tmp_path / "home")
+    env = {**os.environ, "LLMFORGE_HOME": str(home), "PREFECT_API_URL": prefect_server}
     prefect = [sys.executable, "-m", "prefect"]
     subprocess.run(
         [*prefect, "work-pool", "create", "llmforge", "--type", "process"],
-        cwd=REPO,
+        cwd=home,
         env=env,
         capture_output=True,
         timeout=120,
     )
     dep = subprocess.run(
         [*prefect, "--no-prompt", "deploy", "--all"],
-        cwd=REPO,
+        cwd=home,
         env=env,
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert dep.returncode == 0, dep.stdout[-2000:] + dep.stderr[-2000:]
+    deployed = {d["name"] for d in api(prefect_server, "/deployments/filter", {})}
+    flows_in_repo = {p.stem for p in (REPO / "flows").glob("*.py")} - {"__init__", "cli"}
+    assert deployed == flows_in_repo == set(STAGES) | {"pipeline"}, deployed
     worker = subprocess.Popen(
         [*prefect, "worker", "start", "--pool", "llmforge"],
         cwd=tmp_path,
@@ -366,34 +398,19 @@ def test_deployment_runs_through_a_real_worker(prefect_server, mlflow_sqlite, tm
         stderr=subprocess.DEVNULL,
     )
     try:
-        run = subprocess.run(
-            [
-                *prefect,
-                "deployment",
-                "run",
-                "ingest/ingest",
-                "--param",
-                f"params_file={tmp_path / 'params.yaml'}",
-            ],
-            cwd=REPO,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert run.returncode == 0, run.stderr[-2000:]
-        deadline = time.monotonic() + 300
-        state = None
-        while time.monotonic() < deadline:
-            runs = api(
-                prefect_server, "/flow_runs/filter", {"deployments": {"name": {"any_": ["ingest"]}}}
+        for name in ("pipeline/pipeline", "ingest/ingest"):
+            run = subprocess.run(
+                [*prefect, "deployment", "run", name],
+                cwd=home,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=120,
             )
-            state = runs[0]["state_type"] if runs else None
-            if state in ("COMPLETED", "FAILED", "CRASHED"):
-                break
-            time.sleep(2)
-        assert state == "COMPLETED", state
-        assert json.loads((tmp_path / "m.json").read_text())["docs_out"] == 9
+            assert run.returncode == 0, run.stderr[-2000:]
+            assert wait_for_run(prefect_server, name.split("/")[1]) == "COMPLETED", name
+        assert json.loads((home / "metrics/ingest.json").read_text())["docs_out"] == 9
+        assert (home / "release/llmforge-demo-0.1.0/SHA256SUMS").exists()
     finally:
         # Stopping the worker is Prefect's business, not what this test checks: a loaded CI
         # machine once took over 30 s for its graceful shutdown, so it gets 60 s, then SIGKILL.
@@ -403,3 +420,16 @@ def test_deployment_runs_through_a_real_worker(prefect_server, mlflow_sqlite, tm
         except subprocess.TimeoutExpired:
             worker.kill()
             worker.wait(30)
+    # MLflow: a model-development experiment; the pipeline's parent run says which stages ran;
+    # every stage run carries its stage, its status and the Prefect flow run it came from.
+    mlflow.set_tracking_uri(mlflow_sqlite)
+    exp = mlflow.get_experiment_by_name("llmforge")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    runs = mlflow.search_runs([exp.experiment_id], output_format="list")
+    parent = next(r for r in runs if r.data.tags.get("llmforge.kind") == "pipeline")
+    assert {parent.data.tags[f"llmforge.stage.{s}"] for s in STAGES} == {"ran"}
+    stages = [r for r in runs if r.data.tags.get("llmforge.kind") == "stage"]
+    assert {r.data.tags["llmforge.stage"] for r in stages} == set(STAGES)
+    for r in stages:
+        assert r.data.tags["llmforge.status"] == "ran"
+        assert r.data.tags["prefect.flow_run_url"].startswith(prefect_server.removesuffix("/api"))
