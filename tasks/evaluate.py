@@ -29,7 +29,7 @@ import numpy as np
 from tasks import benchmarks as bm
 from tasks.config import EvaluateConfig
 from tasks.eval_report import write_report  # noqa: F401  (the stage's entry points, together)
-from tasks.generate import Progress, greedy_generate
+from tasks.generate import Progress, cache_kwarg, greedy_generate
 from tasks.sandbox import SandboxUnavailable, check_available, run_python
 
 Log = Callable[[str], None]
@@ -152,12 +152,10 @@ def shared_context_lls(
     """(log-likelihood, is greedy) of each continuation after one shared context: the context
     runs once, its KV cache is repeated for the continuations, which run as one right-padded
     batch (padding after a row's last token cannot reach its earlier positions)."""
-    import inspect
-
     import torch
     from transformers import DynamicCache
 
-    kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    kw = cache_kwarg(model)
     device = next(model.parameters()).device
     with torch.inference_mode():
         cache = DynamicCache()
@@ -241,7 +239,6 @@ def eval_lm(cfg: EvaluateConfig, log: Log = print):
             return results
 
         def generate_until(self, requests, disable_tqdm=False):
-            out: list[str] = []
             groups: dict[str, list[int]] = {}
             for i, r in enumerate(requests):  # one generation setting per group
                 groups.setdefault(json.dumps(r.args[1], sort_keys=True, default=str), []).append(i)
@@ -286,8 +283,8 @@ def eval_lm(cfg: EvaluateConfig, log: Log = print):
         max_length=model_context(cfg.model_dir),
         trust_remote_code=False,
     )
-    lm.log, lm.skipped, lm.truncated = log, set(), set()
-    lm.gen_truncated, lm.gen_tokens, lm.gen_seconds = 0, 0, 0.0
+    lm.log = log
+    _reset_counts(lm, "requests")
     return lm
 
 

@@ -48,6 +48,14 @@ class Progress:
         )
 
 
+def cache_kwarg(model) -> str:
+    """The name a Hugging Face model's forward takes its KV cache by: ``cache`` in transformers 5,
+    ``past_key_values`` in 4.x."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def greedy_generate(
     model,
     prompts: Sequence[Sequence[int]],
@@ -74,12 +82,7 @@ def greedy_generate(
     out: list[list[int]] = [[] for _ in prompts]
     order = sorted(range(len(cut)), key=lambda i: (-len(cut[i]), i))
     device = next(model.parameters()).device
-    import inspect
-
-    # transformers 5 names the cache argument ``cache``; 4.x ``past_key_values``
-    cache_kw = (
-        "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    )
+    cache_kw = cache_kwarg(model)
     t0, n_new = time.monotonic(), 0
     with torch.inference_mode():
         for b0 in range(0, len(order), batch_size):
