@@ -13,6 +13,7 @@ from tasks import tracking
 from tasks.config import load_params
 from tasks.eval_report import artifact_table, numeric_metrics, progress_rows, write_report
 from tasks.evaluate import run_evaluate
+from tasks.runners import as_task
 
 
 # log_prints off, explicitly: a subflow inherits the pipeline's True, and then the dis() output
@@ -22,7 +23,7 @@ def evaluate(params_file: str = "params.yaml", overrides: list[str] | None = Non
     params = load_params(params_file, overrides or [])
     cfg, log = params.evaluate, get_run_logger()
     with tracking.stage_run("evaluate", params, "evaluate") as run:
-        results = run_evaluate(cfg, log.info)
+        results = run_evaluate(cfg, log.info, step=as_task)  # a task run per benchmark
         rows = write_report(results, cfg.out_dir, cfg.data_card)
         out = Path(cfg.out_dir)
         import mlflow

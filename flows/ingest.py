@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections import Counter
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
@@ -11,8 +12,9 @@ from flows.cli import run_cli
 from tasks import tracking
 from tasks.config import Params
 from tasks.ingest import card_markdown, finalize_task, plan_task, shard_task
-from tasks.runners import describe, task_runner
+from tasks.runners import describe, gather, task_runner
 from tasks.storage import S3Settings
+from tasks.summary import Progress
 
 
 @flow(name="ingest", log_prints=True)
@@ -34,7 +36,15 @@ def ingest(params_file: str = "params.yaml", overrides: list[str] | None = None)
             futures = [
                 runner.submit(shard_task, {"items": s, "cfg": cfg, "s3": s3}) for s in shards
             ]
-            results = [f.result() for f in futures]
+            sizes = [sum(item.size for item in s) for s in shards]
+            docs = Counter()
+
+            def kept(result) -> str:  # running count of documents through cleaning
+                docs["kept"] += len(result.rows)
+                return f", {docs['kept']:,} docs kept"
+
+            progress = Progress("ingest: read+clean", sum(sizes), log.info, unit=" MB", scale=1e-6)
+            results = gather(futures, sizes, progress, kept)
         summary = finalize_task(results, cfg)
         tracking.log_stage_outputs(summary.metrics, summary.seconds, {"card.json": summary.card})
         url = tracking.run_url(run, params.infra)

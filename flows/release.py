@@ -49,7 +49,7 @@ def release(params_file: str = "params.yaml", overrides: list[str] | None = None
                 if cfg.s3_uri
                 else str(Path(bundle).resolve())
             )
-            out["registered"] = register(cfg, source, run.info.run_id, manifest["gate"]["passed"])
+            out["registered"] = register(cfg, source, run.info.run_id, manifest)
             log.info(
                 "registered %(name)s version %(version)s, aliases %(aliases)s", out["registered"]
             )

@@ -14,6 +14,7 @@ from flows.cli import run_cli
 from tasks import tracking
 from tasks.config import load_params
 from tasks.redaction import redact_text
+from tasks.runners import as_task
 from tasks.summary import markdown_table
 from tasks.train import check_inputs, log_to_mlflow, run_torchrun, torchrun_command
 
@@ -25,9 +26,9 @@ def train(params_file: str = "params.yaml", overrides: list[str] | None = None) 
     with tracking.stage_run("train", params, "train") as run:
         cmd = torchrun_command(cfg, params_file, overrides or [])
         log.info("launching: %s", redact_text(" ".join(cmd)))
-        run_torchrun(cmd, log.info)
+        as_task("torchrun", lambda: run_torchrun(cmd, log.info))
         with tempfile.TemporaryDirectory() as tmp:
-            metrics = log_to_mlflow(cfg, Path(tmp))
+            metrics = as_task("log-to-mlflow", lambda: log_to_mlflow(cfg, Path(tmp)))
         url = tracking.run_url(run, params.infra)
         create_markdown_artifact(
             key="train-summary",

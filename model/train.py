@@ -30,6 +30,7 @@ from model.export import ExportCheckError, export  # noqa: E402
 from model.trainer import NonFiniteLossError, train  # noqa: E402
 from tasks.config import ConfigError, TrainConfig, parse_cli  # noqa: E402
 from tasks.storage import StorageError, atomic_write_text  # noqa: E402
+from tasks.summary import headline, write_metrics  # noqa: E402
 
 # 75 (EX_TEMPFAIL) and the line torchrun's caller looks for (torchrun itself exits 1).
 from tasks.train import EXIT_STOPPED, STOPPED_PREFIX, die_with_parent  # noqa: E402
@@ -39,7 +40,7 @@ def clear_stale_outputs(cfg: TrainConfig) -> None:
     """Remove a previous run's export, metrics and plot: until this run completes, nothing may
     look like its result (checkpoints and the step log stay, for the resume)."""
     shutil.rmtree(cfg.export_dir, ignore_errors=True)
-    for f in (cfg.metrics_file, cfg.plot_file):
+    for f in (cfg.metrics_file, cfg.summary_file, cfg.plot_file):
         Path(f).unlink(missing_ok=True)
 
 
@@ -85,7 +86,8 @@ def write_outputs(cfg: TrainConfig, result: dict, wall: float, diff: float) -> d
         "wall_s": round(wall, 1),
         "export_max_logit_diff": diff,
     }
-    atomic_write_text(cfg.metrics_file, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(cfg.summary_file, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    write_metrics(cfg.metrics_file, headline("train", metrics))
     return metrics
 
 

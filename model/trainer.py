@@ -20,6 +20,7 @@ from model.data import TokenLoader
 from model.model import Llama
 from model.parallelize import parallelize
 from tasks.config import TrainConfig
+from tasks.summary import eta_text
 
 # Dense bf16 peak FLOP/s of known accelerators (vendor datasheets, no sparsity).
 GPU_PEAK_BF16 = {
@@ -300,10 +301,13 @@ def train(cfg: TrainConfig, log=print) -> dict:
             if d.rank == 0:
                 with open(log_path, "a") as f:
                     f.write(json.dumps(rec) + "\n")
+                steps_timed = tokens_since / cfg.global_batch_tokens
+                eta = (cfg.max_steps - step) * dt / steps_timed
                 log(
                     f"step {step}/{cfg.max_steps} loss {loss_val:.4f} lr {lr:.2e} gnorm {grad_norm:.2f} "
                     f"{tps:,.0f} tok/s MFU {100 * mfu:.1f}%"
                     + (f" val {val_loss:.4f}" if "val_loss" in rec else "")
+                    + f" ETA {eta_text(eta)}"
                 )
             t_last, tokens_since = time.perf_counter(), 0
         if step % cfg.ckpt_every == 0 or step == cfg.max_steps or stopping:

@@ -171,7 +171,8 @@ class TrainConfig(Section):
     ckpt_dir: str = "models/ckpt"
     export_dir: str = "models/hf"
     log_file: str = "models/train_log.jsonl"
-    metrics_file: str = "metrics/train.json"
+    metrics_file: str = "metrics/train.json"  # headline numbers for `dvc metrics show`
+    summary_file: str = "models/train_summary.json"  # every figure of the run, device included
     plot_file: str = "plots/train_loss.csv"
     # Model: a named preset (tiny, small, 125m, 350m, 1b); the fields below override it when set.
     preset: Literal["tiny", "small", "125m", "350m", "1b"] = "tiny"
@@ -223,7 +224,7 @@ class TrainConfig(Section):
     # written under other values of these is still resumed.
     OPERATIONAL: ClassVar[frozenset[str]] = frozenset(
         {
-            "tokens_dir", "tokenizer_dir", "ckpt_dir", "export_dir", "log_file", "metrics_file",
+            "tokens_dir", "tokenizer_dir", "ckpt_dir", "export_dir", "log_file", "metrics_file", "summary_file",
             "plot_file", "log_every", "eval_every", "eval_batches", "ckpt_every", "keep_last",
             "compile", "activation_checkpointing", "device", "nproc_per_node", "nnodes",
             "rdzv_endpoint", "max_restarts", "threads", "export_check_tol", "debug_nan_at_step",
@@ -356,7 +357,7 @@ class ReleaseConfig(Section):
     model_dir: str = "models/hf"
     eval_dir: str = "reports/eval"
     data_card: str = "data/clean/card.json"
-    train_metrics: str = "metrics/train.json"
+    train_summary: str = "models/train_summary.json"
     out_dir: str = "release"
     allow_failed_gate: bool = False  # release despite a failed eval gate (the model card says so)
     s3_uri: str | None = None  # s3://bucket/prefix to upload the bundle and tarball to

@@ -29,8 +29,9 @@ import numpy as np
 from tasks import benchmarks as bm
 from tasks.config import EvaluateConfig
 from tasks.eval_report import write_report  # noqa: F401  (the stage's entry points, together)
-from tasks.generate import Progress, cache_kwarg, greedy_generate
+from tasks.generate import cache_kwarg, greedy_generate
 from tasks.sandbox import SandboxUnavailable, check_available, run_python
+from tasks.summary import Progress
 
 Log = Callable[[str], None]
 FIT_SHARE = 0.8  # a shot count is used when at least this share of its prompts fits the context
@@ -123,7 +124,7 @@ def tune_lm_eval() -> None:
 
     - its warnings that mean nothing here are filtered out (``_LmEvalNoise``);
     - its progress bars are unlabelled and become one long line in a log; this stage logs
-      labelled progress with rate and ETA instead (``tasks.generate.Progress``). tqdm reads its
+      labelled progress with rate and ETA instead (``tasks.summary.Progress``). tqdm reads its
       TQDM_DISABLE variable only at import, so the bars are turned off in lm-eval's modules;
     - it compiles a Jinja template on every call of ``apply_template`` (each prompt, each shot,
       each choice): 80% of the time spent building few-shot prompts. The compiled templates are
@@ -680,7 +681,13 @@ def describe(r: dict) -> str:
     return "ran"
 
 
-def run_evaluate(cfg: EvaluateConfig, log: Log = print) -> dict:
+def _call(name: str, fn):
+    return fn()
+
+
+def run_evaluate(cfg: EvaluateConfig, log: Log = print, step=_call) -> dict:
+    """Every benchmark in ``cfg.benchmarks``, then held-out perplexity and the gate. ``step(name,
+    fn)`` runs each benchmark (the flow passes one that makes it a Prefect task run)."""
     if not (Path(cfg.model_dir) / "config.json").exists():
         raise EvaluateError(
             f"no model in {cfg.model_dir}: run the train stage first (python -m flows.train)"
@@ -711,14 +718,19 @@ def run_evaluate(cfg: EvaluateConfig, log: Log = print) -> dict:
     for name in cfg.benchmarks:
         kind = bm.BENCHMARKS[name].kind
         if kind == "multiple_choice":
-            b[name] = _timed(
-                name, lambda n=name: run_multiple_choice(cfg, lm, n, log), log, timings
+            b[name] = step(
+                name,
+                lambda n=name: _timed(
+                    n, lambda: run_multiple_choice(cfg, lm, n, log), log, timings
+                ),
             )
         elif kind == "gold_bpb":
-            b[name] = _timed(name, lambda n=name: run_gold_bpb(cfg, lm, n, log), log, timings)
+            b[name] = step(
+                name, lambda n=name: _timed(n, lambda: run_gold_bpb(cfg, lm, n, log), log, timings)
+            )
         else:
             t = time.monotonic()
-            he = run_humaneval(cfg, lm, log)
+            he = step(name, lambda: run_humaneval(cfg, lm, log))
             timings["humaneval"] = round(time.monotonic() - t, 1)
             if lm.gen_seconds:
                 timings["humaneval_tokens_per_s"] = round(lm.gen_tokens / lm.gen_seconds, 1)
@@ -726,8 +738,9 @@ def run_evaluate(cfg: EvaluateConfig, log: Log = print) -> dict:
                 results["samples"] += r.pop("samples", [])
                 b[key] = r
                 log(f"{key}: {describe(r)}")
-    b["val_perplexity"] = _timed(
-        "val_perplexity", lambda: heldout_perplexity(cfg, lm), log, timings
+    b["val_perplexity"] = step(
+        "val_perplexity",
+        lambda: _timed("val_perplexity", lambda: heldout_perplexity(cfg, lm), log, timings),
     )
     if cfg.live is not None:
         results["live"] = run_live(cfg, lm.max_length, log)

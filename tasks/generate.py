@@ -13,6 +13,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from tasks.summary import Progress
+
 
 @dataclass
 class Generation:
@@ -24,28 +26,6 @@ class Generation:
     @property
     def tokens_per_s(self) -> float:
         return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
-
-
-class Progress:
-    """Rate and ETA lines for a long loop, at most one every ``every_s`` seconds (and the last)."""
-
-    def __init__(self, label: str, total: int, log: Callable[[str], None], every_s: float = 10.0):
-        self.label, self.total, self.log, self.every_s = label, total, log, every_s
-        self.t0 = self.last = time.monotonic()
-        self.done = 0
-
-    def advance(self, n: int = 1, extra: str = "") -> None:
-        self.done += n
-        now = time.monotonic()
-        if now - self.last < self.every_s and self.done < self.total:
-            return
-        self.last = now
-        rate = self.done / max(now - self.t0, 1e-9)
-        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-        self.log(
-            f"{self.label}: {self.done}/{self.total} ({100 * self.done / max(self.total, 1):.0f}%), "
-            f"{rate:.1f}/s, ETA {eta:.0f} s{extra}"
-        )
 
 
 def cache_kwarg(model) -> str:

@@ -25,7 +25,8 @@ from tasks.dedup import deduplicate, doc_signature, minhash_permutations, ngram_
 from tasks.normalize import DecodeError, decode, normalize_text
 from tasks.scrub import scrub
 from tasks.sources import Bad, Item, SourceError, discover, read_item
-from tasks.storage import S3Settings, atomic_dir, atomic_write_text
+from tasks.storage import S3Settings, atomic_dir
+from tasks.summary import headline, write_metrics
 
 SCHEMA = pa.schema(
     [
@@ -231,7 +232,7 @@ def finalize(
                 f.write(json.dumps(q, sort_keys=True) + "\n")
     totals = card["totals"]
     metrics = {k: totals[k] for k in sorted(totals)}
-    atomic_write_text(cfg.metrics_file, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    write_metrics(cfg.metrics_file, headline("ingest", metrics))
 
     seconds = dict.fromkeys(STEPS, 0.0)
     for res in results:

@@ -83,7 +83,7 @@ def load_inputs(p: Params) -> dict:
         else {"sources": []}
     )
     train = (
-        json.loads(Path(cfg.train_metrics).read_text()) if Path(cfg.train_metrics).exists() else {}
+        json.loads(Path(cfg.train_summary).read_text()) if Path(cfg.train_summary).exists() else {}
     )
     return {
         "results": results,
@@ -169,9 +169,18 @@ def model_card(p: Params, inputs: dict, lineage: dict) -> str:
             f"{sum(s['filtered'].values()):,} | {s['exact_duplicates'] + s['near_duplicates']:,} | {s['contaminated']:,} |"
         )
     dec = card.get("decontamination", {})
+    removed = {k: v for k, v in sorted(card.get("filters", {}).items()) if v}
+    pii = {k: v for k, v in sorted(card.get("pii_replaced", {}).items()) if v}
     lines += [
         "",
-        f"Filters: {json.dumps(card.get('filters', {}))}. PII replaced: {json.dumps(card.get('pii_replaced', {}))}. "
+        "| filter | documents removed |",
+        "|---|---:|",
+        *(f"| {k.replace('_', ' ')} | {v:,} |" for k, v in removed.items()),
+        *([] if removed else ["| (none) | 0 |"]),
+        "",
+        "Personal data replaced by placeholders: "
+        + (", ".join(f"{v:,} {k.replace('_', ' ')}" for k, v in pii.items()) or "none found")
+        + ". "
         f"Decontamination against {', '.join(dec.get('benchmarks', [])) or 'nothing'} ({dec.get('ngram', '?')}-grams): "
         f"{len(dec.get('hits', []))} document(s) removed.",
         "",
@@ -443,8 +452,34 @@ def upload(bundle: Path, tarball: Path, s3_uri: str, s3: S3Settings | None = Non
     return uris
 
 
-def register(cfg, source: str, run_id: str, gate_passed: bool) -> dict:
-    """A version in the MLflow Model Registry, alias ``candidate``, and ``champion`` when the gate passed."""
+def version_notes(manifest: dict) -> tuple[str, dict[str, str]]:
+    """The registry version's description and tags: release, gate and every evaluation figure."""
+    gate = manifest["gate"]
+    scores = {k: v for k, v in sorted(manifest["evaluation"].items()) if isinstance(v, int | float)}
+    lines = [
+        f"**{manifest['name']} {manifest['version']}** ({manifest['license']}), released by llmforge.",
+        "",
+        "Evaluation gate: "
+        + ("passed" if gate["passed"] else "FAILED: " + "; ".join(gate["reasons"])),
+        "",
+        "| benchmark | score |",
+        "|---|---:|",
+        *(f"| {k} | {v:.2f} |" for k, v in scores.items()),
+        "",
+        f"Git commit `{manifest['lineage']['git_commit']}`; "
+        "benchmark scores in %, `_bpb` in bits per byte (lower is better).",
+    ]
+    tags = {
+        "release": f"{manifest['name']}-{manifest['version']}",
+        "gate": "passed" if gate["passed"] else "failed",
+        **{f"eval.{k}": f"{v:.4g}" for k, v in scores.items()},
+    }
+    return "\n".join(lines), tags
+
+
+def register(cfg, source: str, run_id: str, manifest: dict) -> dict:
+    """A version in the MLflow Model Registry with the release's evaluation as its description and
+    tags; alias ``candidate``, and ``champion`` when the gate passed."""
     import mlflow
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
@@ -461,13 +496,11 @@ def register(cfg, source: str, run_id: str, gate_passed: bool) -> dict:
         client.create_registered_model(
             cfg.registered_model, description="Models released by llmforge"
         )
+    description, tags = version_notes(manifest)
     mv = client.create_model_version(
-        cfg.registered_model,
-        source=source,
-        run_id=run_id,
-        tags={"release": f"{cfg.name}-{cfg.version}"},
+        cfg.registered_model, source=source, run_id=run_id, tags=tags, description=description
     )
-    aliases = ["candidate"] + (["champion"] if gate_passed else [])
+    aliases = ["candidate"] + (["champion"] if manifest["gate"]["passed"] else [])
     for alias in aliases:
         client.set_registered_model_alias(cfg.registered_model, alias, mv.version)
     return {"name": cfg.registered_model, "version": mv.version, "aliases": aliases}

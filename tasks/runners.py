@@ -9,10 +9,44 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
+from typing import TypeVar
 
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner
 
 from tasks.config import InfraConfig
+
+T = TypeVar("T")
+
+
+def as_task(name: str, fn: Callable[[], T]) -> T:
+    """Run ``fn`` as one Prefect task run named ``name`` when called inside a flow, so the flow's
+    timeline in the UI shows each long step with its duration and state; a plain call otherwise.
+    It runs in the calling thread (signal handlers keep working), is never cached, and keeps no
+    result: a step's outputs are its files."""
+    from prefect import task
+    from prefect.cache_policies import NONE
+    from prefect.context import FlowRunContext
+
+    if FlowRunContext.get() is None:
+        return fn()
+    return task(fn, name=name, cache_policy=NONE, persist_result=False)()
+
+
+def gather(
+    futures: list, weights: list[float], progress, extra: Callable[[object], str] | None = None
+) -> list:
+    """The futures' results in submission order, advancing ``progress`` by each one's weight
+    (bytes, documents) as it completes, with ``extra(result)`` appended to the line."""
+    from prefect.futures import as_completed
+
+    where = {id(f): i for i, f in enumerate(futures)}
+    results: list = [None] * len(futures)
+    for f in as_completed(futures):
+        i = where[id(f)]
+        results[i] = f.result()
+        progress.advance(weights[i], extra(results[i]) if extra else "")
+    return results
 
 
 def task_runner(infra: InfraConfig, workers: int) -> TaskRunner:

@@ -5,7 +5,23 @@ ends with what each stage did, how long it took, and where to look next."""
 
 from __future__ import annotations
 
+import json
 import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from tasks.storage import atomic_write_text
+
+# What each stage's DVC metrics file holds: a few headline numbers, so that `dvc metrics show`
+# (one column per metric name, over all stages) fits a terminal. Every figure, settings and
+# strings included, stays in the stage's own record (data card, token index, train summary,
+# results.json) and in MLflow.
+HEADLINE = {
+    "ingest": ("docs_out", "bytes_out"),
+    "tokenize": ("train_tokens", "bytes_per_token"),
+    "train": ("val_loss", "tokens_per_s", "mfu"),
+}
 
 # metric name -> (unit, scale, decimals); the name's suffix decides when it is not listed
 UNITS = {
@@ -34,6 +50,75 @@ def human(key: str, value) -> str:
         digits = 0 if isinstance(value, int) else (4 if abs(v) < 10 else 2)
     text = f"{v:,.{digits}f}"
     return f"{text} {unit}".strip()
+
+
+def eta_text(seconds: float) -> str:
+    """``75`` -> ``1 min 15 s``; ``7300`` -> ``2 h 02 min``."""
+    if not math.isfinite(seconds):
+        return "?"
+    s = max(0, round(seconds))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"
+
+
+class Progress:
+    """Labelled progress lines with rate and ETA for a long loop: at most one every ``every_s``
+    seconds, and the last. Counts items, or any unit (``unit=" MB", scale=1e-6`` for bytes)."""
+
+    def __init__(
+        self,
+        label: str,
+        total: float,
+        log: Callable[[str], None],
+        every_s: float = 10.0,
+        unit: str = "",
+        scale: float = 1.0,
+    ):
+        self.label, self.total, self.log, self.every_s = label, total, log, every_s
+        self.unit, self.scale = unit, scale
+        self.t0 = self.last = time.monotonic()
+        self.done = 0
+
+    def _fmt(self, v: float) -> str:
+        v *= self.scale
+        return f"{v:,.0f}" if self.scale == 1 and float(v).is_integer() else f"{v:,.1f}"
+
+    def advance(self, n: float = 1, extra: str = "") -> None:
+        self.done += n
+        now = time.monotonic()
+        if now - self.last < self.every_s and self.done < self.total:
+            return
+        self.last = now
+        rate = self.done / max(now - self.t0, 1e-9)
+        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+        self.log(
+            f"{self.label}: {self._fmt(self.done)}/{self._fmt(self.total)}{self.unit} "
+            f"({100 * self.done / max(self.total, 1e-9):.0f}%), {rate * self.scale:,.1f}{self.unit}/s, "
+            f"ETA {eta_text(eta)}{extra}"
+        )
+
+
+def headline(stage: str, metrics: dict) -> dict:
+    """The stage's headline numbers, in the order of ``HEADLINE``; a missing or non-numeric one is
+    left out (DVC warns about strings and lists)."""
+    return {
+        k: metrics[k]
+        for k in HEADLINE[stage]
+        if isinstance(metrics.get(k), int | float) and not isinstance(metrics[k], bool)
+    }
+
+
+def write_metrics(path: str | Path, numbers: dict) -> None:
+    """A DVC metrics file: numbers only, written atomically."""
+    bad = {
+        k: v for k, v in numbers.items() if not isinstance(v, int | float) or isinstance(v, bool)
+    }
+    if bad:
+        raise ValueError(f"a DVC metrics file holds numbers only; not numbers: {bad}")
+    atomic_write_text(path, json.dumps(numbers, indent=2) + "\n")
 
 
 def markdown_table(rows: dict, title: str) -> str:

@@ -25,7 +25,8 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from tasks.config import TokenizeConfig
-from tasks.storage import atomic_dir, atomic_write_text
+from tasks.storage import atomic_dir
+from tasks.summary import headline, write_metrics
 
 # A wide Unicode sample every trained tokenizer must round-trip before any shard is written.
 ROUND_TRIP_PROBE = (
@@ -363,7 +364,7 @@ def run_tokenize(
             )
         (tmp / "index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     metrics = index_metrics(index)
-    atomic_write_text(cfg.metrics_file, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    write_metrics(cfg.metrics_file, headline("tokenize", metrics))
     return TokenizeSummary(index, metrics, seconds, reason)
 
 

@@ -151,6 +151,19 @@ def loss_curve_png(records: list[dict], path: str | Path) -> None:
     plt.close(fig)
 
 
+# Step log field -> MLflow metric. The part before "/" is the chart section in the MLflow UI,
+# and sections sort by name: the loss curves (train and validation) come first, then the
+# optimizer, then speed; the run's summary numbers (one value each) sit last, under "summary/".
+STEP_METRICS = {
+    "loss": "loss/train",
+    "val_loss": "loss/val",
+    "lr": "optim/lr",
+    "grad_norm": "optim/grad_norm",
+    "tokens_per_s": "speed/tokens_per_s",
+    "mfu": "speed/mfu",
+}
+
+
 def log_to_mlflow(cfg: TrainConfig, tmp_dir: Path) -> dict:
     import mlflow
 
@@ -159,14 +172,15 @@ def log_to_mlflow(cfg: TrainConfig, tmp_dir: Path) -> dict:
     records = read_log(cfg.log_file)
     for r in records:
         mlflow.log_metrics(
-            {k: float(v) for k, v in r.items() if k not in ("step",)}, step=int(r["step"])
+            {STEP_METRICS[k]: float(v) for k, v in r.items() if k in STEP_METRICS},
+            step=int(r["step"]),
         )
-    metrics = json.loads(Path(cfg.metrics_file).read_text())
+    metrics = json.loads(Path(cfg.summary_file).read_text())
     mlflow.log_metrics(
         {
-            f"final.{k}": float(v)
+            f"summary/{k}": float(v)
             for k, v in metrics.items()
-            if isinstance(v, int | float) and v is not None
+            if isinstance(v, int | float) and not isinstance(v, bool)
         }
     )
     mlflow.log_dict(metrics, "train.json")

@@ -236,7 +236,7 @@ def test_dvc_repro_then_noop_and_pipeline_flow_gives_same_lock(
     assert (a / "data/tokens/index.json").exists() and (
         a / "data/tokenizer/tokenizer.json"
     ).exists()
-    assert json.loads((a / "metrics/train.json").read_text())["steps"] == 4
+    assert json.loads((a / "models/train_summary.json").read_text())["steps"] == 4
     assert (a / "models/hf/model.safetensors").exists() and (a / "plots/train_loss.csv").exists()
     results = json.loads((a / "reports/eval/results.json").read_text())
     # a 32-token context holds no 5-shot WinoGrande prompt: reported, never quietly zero-shot
@@ -261,6 +261,11 @@ def test_dvc_repro_then_noop_and_pipeline_flow_gives_same_lock(
     metrics = dvc(a, "metrics", "show")
     assert metrics.returncode == 0 and "failed" not in metrics.stdout + metrics.stderr
     assert "reports/eval/metrics.json" in metrics.stdout and "gate_passed" in metrics.stdout
+    # headline numbers only (every figure stays in the stages' own records and MLflow), so the
+    # table, one column per metric name, fits a full-width terminal; it was 1,699 characters
+    assert max(map(len, metrics.stdout.splitlines())) <= 220, metrics.stdout
+    for f in ("metrics/ingest.json", "metrics/tokenize.json", "metrics/train.json"):
+        assert all(type(v) in (int, float) for v in json.loads((a / f).read_text()).values()), f
 
     b = repo_copy(tmp_path / "b")
     out = run_flow("flows.pipeline", cwd=b, timeout=900)
@@ -277,7 +282,13 @@ def test_dvc_repro_then_noop_and_pipeline_flow_gives_same_lock(
     # Same outputs from both entry points. Training timings (tokens/s, MFU, wall time) and DCP's
     # checkpoint metadata differ from run to run by nature; the weights and losses must not.
     # The release names the MLflow run it came from, which differs between the two executions.
-    timing = {"metrics/train.json", "models/train_log.jsonl", "models/ckpt", "release"}
+    timing = {
+        "metrics/train.json",
+        "models/train_summary.json",
+        "models/train_log.jsonl",
+        "models/ckpt",
+        "release",
+    }
     outs_a, outs_b = lock_outs(a), lock_outs(b)
     for stage in outs_a:
         assert [o for o in outs_a[stage] if o[0] not in timing] == [
@@ -325,7 +336,7 @@ def test_train_flow_end_to_end_within_a_minute(prefect_server, mlflow_sqlite, tm
     t0 = time.monotonic()
     out = run_flow("flows.train", "--params", str(params))
     assert out.returncode == 0, out.stderr[-3000:]
-    metrics = json.loads((tmp_path / "train.json").read_text())
+    metrics = json.loads((tmp_path / "train_summary.json").read_text())
     assert metrics["steps"] == 10 and metrics["wall_s"] < 60, metrics
     assert time.monotonic() - t0 < 120
     assert "step 10/10" in out.stdout + out.stderr  # torchrun's output streamed into the flow's log
@@ -337,8 +348,12 @@ def test_train_flow_end_to_end_within_a_minute(prefect_server, mlflow_sqlite, tm
         experiment_names=["llmforge"], filter_string="tags.`llmforge.stage` = 'train'"
     ).iloc[0]
     client = mlflow.tracking.MlflowClient()
-    history = client.get_metric_history(run["run_id"], "loss")
+    history = client.get_metric_history(run["run_id"], "loss/train")
     assert [m.step for m in history] == [2, 4, 6, 8, 10]
+    # curves in sections that sort before the single-value summary numbers; no bookkeeping fields
+    keys = set(client.get_run(run["run_id"]).data.metrics)
+    assert {"loss/val", "optim/lr", "speed/mfu", "summary/val_loss"} <= keys, keys
+    assert not {k for k in keys if "/" not in k or k.startswith(("final", "data_position"))}, keys
     assert {"train_loss.png", "train.json"} <= {
         a.path for a in client.list_artifacts(run["run_id"])
     }
@@ -348,6 +363,22 @@ def test_train_flow_end_to_end_within_a_minute(prefect_server, mlflow_sqlite, tm
     # formatted for people: units and rounding, not raw floats
     assert arts and "| tokens per s |" in arts[0]["data"] and " tokens/s |" in arts[0]["data"]
     assert "TFLOP/s |" in arts[0]["data"] and "| mfu |" in arts[0]["data"]
+    # the flow's timeline shows its steps as task runs
+    assert task_runs_of_last(prefect_server, "train") == {
+        "torchrun": "COMPLETED",
+        "log-to-mlflow": "COMPLETED",
+    }
+
+
+def task_runs_of_last(server: str, flow_name: str) -> dict[str, str]:
+    """The task runs of the latest run of a flow: name prefix -> state type."""
+    run = api(
+        server,
+        "/flow_runs/filter",
+        {"flows": {"name": {"any_": [flow_name]}}, "sort": "START_TIME_DESC", "limit": 1},
+    )[0]
+    tasks = api(server, "/task_runs/filter", {"flow_runs": {"id": {"any_": [run["id"]]}}})
+    return {t["name"].rsplit("-", 1)[0]: t["state_type"] for t in tasks}
 
 
 def wait_for_run(server: str, deployment: str, timeout: float = 600) -> str | None:

@@ -107,3 +107,9 @@ def test_full_stage_offline_on_a_tiny_trained_model(
         b["val_perplexity"]["bits_per_byte"]
     )
     assert m["eval.drop.score"] == pytest.approx(b["drop"]["score"])
+    # one Prefect task run per benchmark: the UI shows which one is running and how long each took
+    from tests.test_cli_and_flows import task_runs_of_last
+
+    steps = task_runs_of_last(prefect_server, "evaluate")
+    assert set(params["evaluate"]["benchmarks"]) | {"val_perplexity"} <= set(steps), steps
+    assert set(steps.values()) == {"COMPLETED"}, steps

@@ -48,7 +48,7 @@ def params(root: Path, data: Path, out: str, **release):
         model_dir=str(root / "t" / "hf"),
         eval_dir=str(root / "eval"),
         data_card=str(data / "clean" / "card.json"),
-        train_metrics=str(root / "t" / "train.json"),
+        train_summary=str(root / "t" / "train_summary.json"),
         out_dir=out,
     )
     raw["release"].update({**defaults, **release})
@@ -66,6 +66,9 @@ def test_bundle_loads_offline_with_same_logits_and_no_pickles(inputs, tmp_path):
         card.startswith("---\nlicense: apache-2.0") and "model-index" in card and "| 67.0 |" in card
     )
     assert "## Lineage" in card and "run-1" in card and "Git commit" in card
+    # the data section is tables and sentences, not JSON
+    assert "| filter | documents removed |" in card and "Personal data replaced" in card
+    assert '{"' not in card.split("## Data", 1)[1].split("## Evaluation", 1)[0]
     assert "Apache License" in (bundle / "LICENSE").read_text()
     ids = torch.tensor([[1, 5, 9, 42, 7]])
     a = AutoModelForCausalLM.from_pretrained(bundle, local_files_only=True, trust_remote_code=False)
@@ -195,17 +198,28 @@ def test_registry_has_version_and_aliases_on_a_server(inputs, tmp_path, mlflow_s
     root, data = inputs
     p = params(root, data, str(tmp_path))
     bundle = build_bundle(p, "run-1")
+    manifest = json.loads((bundle / "manifest.json").read_text())
     with mlflow.start_run() as run:
-        info = register(p.release, str(bundle), run.info.run_id, gate_passed=True)
+        info = register(p.release, str(bundle), run.info.run_id, manifest)
     client = MlflowClient(mlflow_server)
-    assert client.get_model_version_by_alias("llmforge", "champion").version == info["version"]
+    champion = client.get_model_version_by_alias("llmforge", "champion")
+    assert champion.version == info["version"]
+    # the version says what it is and how it scored, where the registry shows it
+    assert "Evaluation gate: passed" in champion.description
+    assert "| humaneval_bpb |" in champion.description
+    assert champion.tags["gate"] == "passed"
+    assert float(champion.tags["eval.humaneval_bpb"]) == pytest.approx(
+        manifest["evaluation"]["humaneval_bpb"], rel=1e-3
+    )
     source = client.get_model_version_by_alias("llmforge", "candidate").source
     assert source.endswith("/bundle")
     assert "SHA256SUMS" in {
         a.path.split("/")[-1] for a in client.list_artifacts(info_run_id(client, info), "bundle")
     }
     with mlflow.start_run() as run:
-        second = register(p.release, str(bundle), run.info.run_id, gate_passed=False)
+        failed = {**manifest, "gate": {"passed": False, "reasons": ["mmlu below 30"]}}
+        second = register(p.release, str(bundle), run.info.run_id, failed)
+    assert client.get_model_version("llmforge", second["version"]).tags["gate"] == "failed"
     assert client.get_model_version_by_alias("llmforge", "candidate").version == second["version"]
     assert client.get_model_version_by_alias("llmforge", "champion").version == info["version"]
 

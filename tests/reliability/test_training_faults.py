@@ -111,6 +111,7 @@ def test_kills_on_two_processes_resume_bit_exact(data, tmp_path, figure):
     out = proc.communicate(timeout=120)[0]
     assert proc.returncode != 0 and "stopped: SIGTERM at step" in out, out[-2000:]
     assert not (victim / "hf").exists() and not (victim / "train.json").exists()
+    assert not (victim / "train_summary.json").exists()
     survived += 1
 
     final = run_train(params, nproc=2)
@@ -189,6 +190,7 @@ def test_preempted_flow_fails_and_a_rerun_resumes(data, tmp_path, prefect_server
     assert proc.returncode == 75, err[-2000:]
     assert "stopped:" in err and "Rerun the stage to resume" in err
     assert not (d / "hf").exists() and not (d / "train.json").exists()
+    assert not (d / "train_summary.json").exists()
     runs = api(
         prefect_server, "/flow_runs/filter", {"sort": "EXPECTED_START_TIME_DESC", "limit": 5}
     )
