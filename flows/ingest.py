@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from collections import Counter
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
@@ -11,10 +10,9 @@ from prefect.artifacts import create_markdown_artifact
 from flows.cli import run_cli
 from tasks import tracking
 from tasks.config import Params
-from tasks.ingest import card_markdown, finalize_task, plan_task, shard_task
-from tasks.runners import describe, gather, task_runner
+from tasks.ingest import card_markdown, run_ingest
+from tasks.runners import describe, task_map, task_runner
 from tasks.storage import S3Settings
-from tasks.summary import Progress
 
 
 @flow(name="ingest", log_prints=True)
@@ -24,28 +22,11 @@ def ingest(params_file: str = "params.yaml", overrides: list[str] | None = None)
     params: Params = load_params(params_file, overrides or [])
     cfg, log = params.data, get_run_logger()
     with tracking.stage_run("ingest", params, "data") as run:
-        s3 = S3Settings.from_infra(params.infra)
-        shards = plan_task(cfg, s3)
-        log.info(
-            "%d input item(s) in %d shard(s), %s",
-            sum(map(len, shards)),
-            len(shards),
-            describe(params.infra, cfg.workers),
-        )
+        log.info("ingest on %s", describe(params.infra, cfg.workers))
         with task_runner(params.infra, cfg.workers) as runner:
-            futures = [
-                runner.submit(shard_task, {"items": s, "cfg": cfg, "s3": s3}) for s in shards
-            ]
-            sizes = [sum(item.size for item in s) for s in shards]
-            docs = Counter()
-
-            def kept(result) -> str:  # running count of documents through cleaning
-                docs["kept"] += len(result.rows)
-                return f", {docs['kept']:,} docs kept"
-
-            progress = Progress("ingest: read+clean", sum(sizes), log.info, unit=" MB", scale=1e-6)
-            results = gather(futures, sizes, progress, kept)
-        summary = finalize_task(results, cfg)
+            summary = run_ingest(
+                cfg, S3Settings.from_infra(params.infra), task_map(runner, log.info), log=log.info
+            )
         tracking.log_stage_outputs(summary.metrics, summary.seconds, {"card.json": summary.card})
         url = tracking.run_url(run, params.infra)
         create_markdown_artifact(

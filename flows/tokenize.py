@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
@@ -11,9 +10,8 @@ from prefect.artifacts import create_table_artifact
 from flows.cli import run_cli
 from tasks import tracking
 from tasks.config import load_params
-from tasks.runners import gather, task_runner
-from tasks.summary import Progress
-from tasks.tokenize import encode_part_task, run_tokenize
+from tasks.runners import task_map, task_runner
+from tasks.tokenize import run_tokenize
 
 
 @flow(name="tokenize", log_prints=True)
@@ -22,22 +20,7 @@ def tokenize(params_file: str = "params.yaml", overrides: list[str] | None = Non
     cfg, log = params.tokenize, get_run_logger()
     with tracking.stage_run("tokenize", params, "tokenize") as run:
         with task_runner(params.infra, cfg.workers) as runner:
-
-            def parallel_map(fn, kwargs_list):  # one encode-part task per parquet part
-                sizes = [Path(kw["part"]).stat().st_size for kw in kwargs_list]
-                progress = Progress(
-                    "tokenize: encode+pack", sum(sizes), log.info, unit=" MB", scale=1e-6
-                )
-                futures = [runner.submit(encode_part_task, kw) for kw in kwargs_list]
-                tokens = [0]
-
-                def counted(result) -> str:  # sizes are of the Parquet parts (compressed)
-                    tokens[0] += sum(result.tokens.values())
-                    return f", {tokens[0]:,} tokens"
-
-                return gather(futures, sizes, progress, counted)
-
-            summary = run_tokenize(cfg, parallel_map, log.info)
+            summary = run_tokenize(cfg, task_map(runner, log.info), log.info)
         tracking.log_stage_outputs(summary.metrics, summary.seconds, {"index.json": summary.index})
         tracking.log_tags(
             {

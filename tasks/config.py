@@ -137,7 +137,9 @@ class TokenizeConfig(Section):
     # Pre-tokenisation: GPT-4's split pattern, in the form that splits identically but runs twice
     # as fast in tiktoken (see SPLIT_PATTERN above).
     split_pattern: str = SPLIT_PATTERN
-    train_max_bytes: int | None = Field(default=None, ge=1)  # train on at most this much text
+    # BPE trains on at most this much text: a sample drawn by document hash over every part and
+    # source (memory and time of the training stay bounded at corpus scale); null: all of it
+    train_max_bytes: int | None = Field(default=100_000_000, ge=1)
     val_fraction: float = Field(
         default=0.05, gt=0, lt=1
     )  # documents held out, by a hash of their id

@@ -136,8 +136,8 @@ def tune_lm_eval() -> None:
 
     for mod in ("lm_eval.api.task", "lm_eval.api.model", "lm_eval.models.huggingface"):
         m = import_module(mod)
-        if getattr(m, "tqdm", None) is tqdm:
-            m.tqdm = functools.partial(tqdm, disable=True)
+        if getattr(m, "tqdm", None) is tqdm:  # disabled whatever the call passes as disable=
+            m.tqdm = lambda *args, **kw: tqdm(*args, **{**kw, "disable": True})
     for name in ("lm_eval.api.task", "lm_eval.models.huggingface", "lm-eval"):
         logger = logging.getLogger(name)
         if not any(isinstance(f, _LmEvalNoise) for f in logger.filters):

@@ -1,8 +1,11 @@
 """The ingest stage: sources -> cleaned, filtered, deduplicated, decontaminated Parquet shards.
 
 Per shard (in parallel): read -> decode -> normalise -> quality filters -> PII scrub ->
-decontaminate -> sha256 + MinHash signature. Then once, in the fixed global order: exact and
-near-duplicate removal, and the output parts, data card, quarantine and metrics, written atomically.
+decontaminate -> sha256 + MinHash signature; the cleaned documents go to a staged Parquet file and
+only their ids, hashes, sizes and signatures come back. Then once, in the fixed global order:
+exact and near-duplicate removal on those, and (in parallel again) the output parts cut from the
+staged files; the data card, quarantine and metrics are written atomically with them. Memory does
+not grow with the text of the corpus: no process ever holds more than a shard or a part of it.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import hashlib
 import json
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,9 +27,10 @@ from tasks.config import DataConfig
 from tasks.decontam import benchmark_index
 from tasks.dedup import deduplicate, doc_signature, minhash_permutations, ngram_hashes, token_hashes
 from tasks.normalize import DecodeError, decode, normalize_text
+from tasks.runners import MapFn, serial_map
 from tasks.scrub import scrub
 from tasks.sources import Bad, Item, SourceError, discover, read_item
-from tasks.storage import S3Settings, atomic_dir
+from tasks.storage import S3Settings, atomic_dir, scratch_dir
 from tasks.summary import headline, write_metrics
 
 SCHEMA = pa.schema(
@@ -38,7 +43,7 @@ SCHEMA = pa.schema(
         ("n_bytes", pa.int64()),
     ]
 )
-STEPS = ("read", "normalize", "filter", "scrub", "tokenize", "decontam", "hash_minhash")
+STEPS = ("read", "normalize", "filter", "scrub", "tokenize", "decontam", "hash_minhash", "stage")
 
 
 class IngestError(RuntimeError):
@@ -67,7 +72,8 @@ class SourceStats:
 
 @dataclass
 class ShardResult:
-    rows: list[dict]
+    stage_file: str  # the cleaned documents, in order (SCHEMA)
+    rows: list[dict]  # their metadata: SCHEMA without the text
     signatures: list[np.ndarray]
     stats: dict[int, SourceStats]
     quarantine: list[dict]
@@ -87,14 +93,19 @@ def doc_id(source_label: str, uri: str) -> str:
     return hashlib.sha256(f"{source_label}\0{uri}".encode()).hexdigest()[:24]
 
 
-def process_shard(items: list[Item], cfg: DataConfig, s3: S3Settings | None = None) -> ShardResult:
+def process_shard(
+    items: list[Item], cfg: DataConfig, stage_file: str, s3: S3Settings | None = None
+) -> ShardResult:
+    """Clean one shard's items; write the kept documents to ``stage_file`` and return everything
+    else (metadata, signatures, counts, quarantine and contamination rows)."""
     perms = minhash_permutations(cfg.minhash_perm, cfg.seed)
     index = (
         benchmark_index(tuple(cfg.decontam_benchmarks), cfg.decontam_ngram)
         if cfg.decontam_benchmarks
         else None
     )
-    res = ShardResult([], [], {}, [], [], dict.fromkeys(STEPS, 0.0))
+    res = ShardResult(stage_file, [], [], {}, [], [], dict.fromkeys(STEPS, 0.0))
+    texts: list[str] = []
     t = res.seconds
     for item in items:
         src = cfg.sources[item.source]
@@ -146,10 +157,10 @@ def process_shard(items: list[Item], cfg: DataConfig, s3: S3Settings | None = No
                 res.contamination.append({"uri": raw.uri, "source": src.label, "matches": hits})
                 continue
             data = text.encode("utf-8", "surrogatepass")
+            texts.append(text)
             res.rows.append(
                 {
                     "id": doc_id(src.label, raw.uri),
-                    "text": text,
                     "source": src.label,
                     "uri": raw.uri,
                     "sha256": hashlib.sha256(data).hexdigest(),
@@ -158,6 +169,10 @@ def process_shard(items: list[Item], cfg: DataConfig, s3: S3Settings | None = No
             )
             res.signatures.append(doc_signature(tok, cfg.dedup_ngram, perms))
             t["hash_minhash"] += time.perf_counter() - t4
+    t0 = time.perf_counter()
+    rows = [{**r, "text": x} for r, x in zip(res.rows, texts, strict=True)]
+    pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), stage_file, compression="lz4")
+    t["stage"] = time.perf_counter() - t0
     return res
 
 
@@ -169,30 +184,74 @@ class IngestSummary:
     out_dir: str
 
 
-def _write_parts(rows: list[dict], out: Path, part_max_bytes: int) -> list[str]:
-    parts: list[list[dict]] = [[]]
-    size = 0
-    for row in rows:
-        if parts[-1] and size + row["n_bytes"] > part_max_bytes:
+def plan_parts(
+    kept: list[tuple[str, int, int]], part_max_bytes: int
+) -> tuple[list[list], list[int]]:
+    """Cut the kept documents, ``(stage_file, row, n_bytes)`` in global order, into output parts of
+    about ``part_max_bytes``: each part a list of ``(stage_file, [rows])`` segments, in order; and
+    each part's size in bytes."""
+    parts: list[list] = [[]]
+    sizes = [0]
+    for f, i, n in kept:
+        if parts[-1] and sizes[-1] + n > part_max_bytes:
             parts.append([])
-            size = 0
-        parts[-1].append(row)
-        size += row["n_bytes"]
-    names = []
-    for i, part in enumerate(parts):
-        name = f"part-{i:05d}.parquet"
-        table = pa.Table.from_pylist(part, schema=SCHEMA)
-        pq.write_table(table, out / name, compression="zstd")
-        names.append(name)
-    return names
+            sizes.append(0)
+        part = parts[-1]
+        if part and part[-1][0] == f:
+            part[-1][1].append(i)
+        else:
+            part.append((f, [i]))
+        sizes[-1] += n
+    return parts, sizes
+
+
+def write_part(segments: list, path: str) -> str:
+    """One output part from its staged segments (reads only the shards it needs)."""
+    tables = [pq.read_table(f, schema=SCHEMA).take(rows) for f, rows in segments]
+    table = pa.concat_tables(tables).combine_chunks()
+    pq.write_table(table, path, compression="zstd")
+    return Path(path).name
+
+
+def run_ingest(
+    cfg: DataConfig,
+    s3: S3Settings | None = None,
+    map_fn: MapFn = serial_map,
+    out_dir: str | None = None,
+    log: Callable[[str], None] = print,
+) -> IngestSummary:
+    """The whole stage: plan, clean the shards into a staging folder (``map_fn`` runs them, in
+    parallel under the flow), then :func:`finalize`. The staging folder is removed whatever
+    happens; a killed run's is removed by the next run."""
+    shards = plan_shards(cfg, s3)
+    sizes = [sum(item.size for item in s) for s in shards]
+    log(f"{sum(map(len, shards))} input item(s) in {len(shards)} shard(s)")
+    out = Path(out_dir or cfg.out_dir)
+    with scratch_dir(out.with_name(f"{out.name}-staging")) as staging:
+        jobs = [
+            {
+                "items": s,
+                "cfg": cfg,
+                "s3": s3,
+                "stage_file": str(staging / f"shard-{i:05d}.parquet"),
+            }
+            for i, s in enumerate(shards)
+        ]
+        results = map_fn(process_shard, jobs, "ingest: read+clean", sizes)
+        return finalize(results, cfg, str(out), map_fn)
 
 
 def finalize(
-    results: list[ShardResult], cfg: DataConfig, out_dir: str | None = None
+    results: list[ShardResult],
+    cfg: DataConfig,
+    out_dir: str | None = None,
+    map_fn: MapFn = serial_map,
 ) -> IngestSummary:
-    """Global dedup in shard order, then write parts, card, quarantine and metrics atomically."""
+    """Global dedup in shard order on the documents' metadata and signatures, then the output
+    parts cut from the staged shards, card, quarantine and metrics, written atomically."""
     t0 = time.perf_counter()
     rows = [r for res in results for r in res.rows]
+    where = [(res.stage_file, i) for res in results for i in range(len(res.rows))]
     sigs = [s for res in results for s in res.signatures]
     stats = {i: SourceStats() for i in range(len(cfg.sources))}
     for res in results:
@@ -211,6 +270,7 @@ def finalize(
     for i in dd.near_of:
         dup[by_label[rows[i]["source"]]]["near"] += 1
     kept = [r for r, k in zip(rows, dd.keep, strict=True) if k]
+    kept_at = [(*w, r["n_bytes"]) for w, r, k in zip(where, rows, dd.keep, strict=True) if k]
     t_dedup = time.perf_counter() - t0
 
     if not kept:
@@ -225,7 +285,11 @@ def finalize(
     card = build_card(cfg, stats, dup, kept, dd.n_exact, dd.n_near, contamination, len(quarantine))
     out = Path(out_dir or cfg.out_dir)
     with atomic_dir(out) as tmp:
-        card["parts"] = _write_parts(kept, tmp, cfg.part_max_bytes)
+        parts, sizes = plan_parts(kept_at, cfg.part_max_bytes)
+        jobs = [
+            {"segments": p, "path": str(tmp / f"part-{i:05d}.parquet")} for i, p in enumerate(parts)
+        ]
+        card["parts"] = map_fn(write_part, jobs, "ingest: write parts", sizes)
         (tmp / "card.json").write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
         with open(tmp / "quarantine.jsonl", "w") as f:
             for q in quarantine:
@@ -359,14 +423,7 @@ __all__ = [
     "SourceError",
     "plan_shards",
     "process_shard",
+    "run_ingest",
     "finalize",
     "card_markdown",
 ]
-
-
-# Prefect tasks: thin wrappers, so the flow shows each step and retries a failed shard.
-from prefect import task  # noqa: E402
-
-plan_task = task(plan_shards, name="plan-shards")
-shard_task = task(process_shard, name="process-shard", retries=1)
-finalize_task = task(finalize, name="dedup-and-write")

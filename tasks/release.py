@@ -23,6 +23,7 @@ from pathlib import Path
 import yaml
 
 from tasks.config import Params, to_flat_dict
+from tasks.eval_report import PROGRESS
 from tasks.redaction import redact_text
 from tasks.storage import S3Settings, atomic_dir, download_file, is_s3, sha256_file, upload_file
 from tasks.tracking import git_commit, redact
@@ -464,10 +465,10 @@ def version_notes(manifest: dict) -> tuple[str, dict[str, str]]:
         "",
         "| benchmark | score |",
         "|---|---:|",
-        *(f"| {k} | {v:.2f} |" for k, v in scores.items()),
+        *(f"| {k} | {v:.2f} {'bits/byte' if k in PROGRESS else '%'} |" for k, v in scores.items()),
         "",
-        f"Git commit `{manifest['lineage']['git_commit']}`; "
-        "benchmark scores in %, `_bpb` in bits per byte (lower is better).",
+        f"Git commit `{manifest['lineage']['git_commit']}`. Scores in % (higher is better); "
+        "bits per byte of gold answers (lower is better) where marked.",
     ]
     tags = {
         "release": f"{manifest['name']}-{manifest['version']}",

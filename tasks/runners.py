@@ -7,6 +7,7 @@ single-threaded processes bound to 127.0.0.1. Flows submit the same tasks either
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Callable
@@ -33,20 +34,45 @@ def as_task(name: str, fn: Callable[[], T]) -> T:
     return task(fn, name=name, cache_policy=NONE, persist_result=False)()
 
 
-def gather(
-    futures: list, weights: list[float], progress, extra: Callable[[object], str] | None = None
+# How a stage maps a plain function over jobs: ``map_fn(fn, kwargs_list, label, weights)``
+# returns ``[fn(**kw) for kw in kwargs_list]`` in order. ``weights`` (bytes) drive the progress
+# line. Tests and benchmarks call the stages with ``serial_map``; the flows pass ``task_map``.
+MapFn = Callable[[Callable, list[dict], str, list[float]], list]
+
+
+def serial_map(
+    fn: Callable, kwargs_list: list[dict], label: str = "", weights: list[float] | None = None
 ) -> list:
-    """The futures' results in submission order, advancing ``progress`` by each one's weight
-    (bytes, documents) as it completes, with ``extra(result)`` appended to the line."""
+    return [fn(**kw) for kw in kwargs_list]
+
+
+@functools.cache
+def _prefect_task(fn: Callable):
+    from prefect import task
+
+    return task(fn, name=fn.__name__.replace("_", "-"), retries=1)
+
+
+def task_map(runner: TaskRunner, log: Callable[[str], None]) -> MapFn:
+    """A ``MapFn`` that runs each job as a Prefect task run (retried once) on ``runner`` and logs
+    progress in MB with a rate and an ETA as jobs complete, whatever order they complete in."""
     from prefect.futures import as_completed
 
-    where = {id(f): i for i, f in enumerate(futures)}
-    results: list = [None] * len(futures)
-    for f in as_completed(futures):
-        i = where[id(f)]
-        results[i] = f.result()
-        progress.advance(weights[i], extra(results[i]) if extra else "")
-    return results
+    from tasks.summary import Progress
+
+    def map_fn(fn, kwargs_list, label="", weights=None):
+        weights = weights or [1] * len(kwargs_list)
+        progress = Progress(label or fn.__name__, sum(weights), log, unit=" MB", scale=1e-6)
+        futures = [runner.submit(_prefect_task(fn), kw) for kw in kwargs_list]
+        where = {id(f): i for i, f in enumerate(futures)}
+        results: list = [None] * len(futures)
+        for f in as_completed(futures):
+            i = where[id(f)]
+            results[i] = f.result()
+            progress.advance(weights[i])
+        return results
+
+    return map_fn
 
 
 def task_runner(infra: InfraConfig, workers: int) -> TaskRunner:

@@ -314,6 +314,21 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 @contextlib.contextmanager
+def scratch_dir(path: str | Path) -> Iterator[Path]:
+    """A temporary sibling of ``path`` for intermediate files, removed when the block ends,
+    whether it succeeded or failed; a killed run's is removed by the next run (as atomic_dir's)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
+    tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(path.name), suffix=".tmp", dir=path.parent))
+    try:
+        with disk_guard(path):
+            yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Build a folder in a temporary sibling; on success it replaces ``path`` whole.
 

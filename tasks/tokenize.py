@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from tasks.config import TokenizeConfig
+from tasks.runners import MapFn, serial_map
 from tasks.storage import atomic_dir
 from tasks.summary import headline, write_metrics
 
@@ -55,16 +56,31 @@ def count_docs(parts: Sequence[Path]) -> int:
     return sum(pq.ParquetFile(p).metadata.num_rows for p in parts)
 
 
-def iter_texts(parts: Sequence[Path], max_bytes: int | None = None) -> Iterator[str]:
-    """Stream the corpus texts in order, batch by batch (never the whole corpus in memory)."""
-    seen = 0
+def sample_share(parts: Sequence[Path], max_bytes: int | None) -> float:
+    """The share of documents the tokenizer trains on: all of them when the corpus holds at most
+    ``max_bytes``, else about ``max_bytes`` worth (read from the ``n_bytes`` column only)."""
+    if max_bytes is None:
+        return 1.0
+    total = sum(pq.read_table(p, columns=["n_bytes"]).column(0).to_numpy().sum() for p in parts)
+    return 1.0 if total <= max_bytes else max_bytes / float(total)
+
+
+def in_sample(sha256: str, share: float) -> bool:
+    """A document's place in the sample depends on its content hash only: the same documents
+    whatever the part layout, order or number of workers, spread over every part and source."""
+    return share >= 1.0 or int(sha256[:16], 16) < share * 2.0**64
+
+
+def iter_texts(parts: Sequence[Path], share: float = 1.0) -> Iterator[str]:
+    """Stream the corpus texts (those in the sample) in order, batch by batch: never the whole
+    corpus in memory."""
     for part in parts:
-        for batch in pq.ParquetFile(part).iter_batches(columns=["text"], batch_size=256):
-            for text in batch.column(0).to_pylist():
-                yield text
-                seen += len(text)
-                if max_bytes is not None and seen >= max_bytes:
-                    return
+        f = pq.ParquetFile(part)
+        for batch in f.iter_batches(columns=["text", "sha256"], batch_size=256):
+            texts, hashes = batch.column(0).to_pylist(), batch.column(1).to_pylist()
+            for text, h in zip(texts, hashes, strict=True):
+                if in_sample(h, share):
+                    yield text
 
 
 def train_tokenizer(cfg: TokenizeConfig):
@@ -89,7 +105,8 @@ def train_tokenizer(cfg: TokenizeConfig):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(iter_texts(parts, cfg.train_max_bytes), trainer=trainer, length=n_docs)
+    share = sample_share(parts, cfg.train_max_bytes)
+    tok.train_from_iterator(iter_texts(parts, share), trainer=trainer, length=round(n_docs * share))
     tok.encode_special_tokens = True  # "<|eos|>" written in a document is text, not the EOS token
     ids = tok.encode(ROUND_TRIP_PROBE, add_special_tokens=False).ids
     if tok.decode(ids, skip_special_tokens=False) != ROUND_TRIP_PROBE:
@@ -305,13 +322,6 @@ def pack_texts(
     return res
 
 
-MapFn = Callable[[Callable, list[dict]], list]
-
-
-def serial_map(fn: Callable, kwargs_list: list[dict]) -> list:
-    return [fn(**kw) for kw in kwargs_list]
-
-
 @dataclass
 class TokenizeSummary:
     index: dict
@@ -355,6 +365,8 @@ def run_tokenize(
                 )
                 for p in parts
             ],
+            "tokenize: encode+pack",
+            [p.stat().st_size for p in parts],
         )
         seconds["encode_pack"] = time.perf_counter() - t2
         index = build_index(results, cfg, vocab_size, eos_id, tok_hash, spec.kind, reason)
@@ -418,9 +430,3 @@ def index_metrics(index: dict) -> dict:
         "vocab_usage": round(index["vocab_used"] / index["vocab_size"], 4),
         "not_round_trip": index["not_round_trip"],
     }
-
-
-# Prefect task: thin wrapper, so each part's encoding is a task run (retried once).
-from prefect import task  # noqa: E402
-
-encode_part_task = task(encode_part, name="encode-part", retries=1)

@@ -270,7 +270,7 @@ def make_corpus(root: Path) -> dict[str, int]:
 def build_tokens(root: Path, vocab_size: int = 512, stdlib_docs: int = 60) -> Path:
     """data/clean -> data/tokenizer + data/tokens under ``root``, through the real stage logic."""
     from tasks.config import DataConfig, SourceConfig, TokenizeConfig
-    from tasks.ingest import finalize, plan_shards, process_shard
+    from tasks.ingest import run_ingest
     from tasks.tokenize import run_tokenize
 
     make_corpus(root / "corpus")
@@ -283,11 +283,7 @@ def build_tokens(root: Path, vocab_size: int = 512, stdlib_docs: int = 60) -> Pa
         min_chars=50,
         part_max_bytes=200_000,
     )
-    finalize(
-        [process_shard(s, dcfg) for s in plan_shards(dcfg)],
-        dcfg,
-        out_dir=str(root / "data" / "clean"),
-    )
+    run_ingest(dcfg, out_dir=str(root / "data" / "clean"), log=lambda m: None)
     tcfg = TokenizeConfig(
         in_dir=str(root / "data" / "clean"),
         tokenizer_dir=str(root / "data" / "tokenizer"),

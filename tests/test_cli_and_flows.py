@@ -98,11 +98,11 @@ def test_ingest_flow_on_prefect_server_with_artifact_and_mlflow(
     runs = api(prefect_server, "/flow_runs/filter", {"flow_runs": {"name": {"like_": ""}}})
     ingest_runs = [r for r in runs if r["state_type"] == "COMPLETED"]
     assert ingest_runs, runs
-    tasks = api(prefect_server, "/task_runs/filter")
-    names = {t["task_key"].rsplit("-", 1)[0] for t in tasks} | {
-        t["name"].rsplit("-", 1)[0] for t in tasks
-    }
-    assert {"process-shard", "dedup-and-write", "plan-shards"} <= names, names
+    # each shard cleaned and each output part written as a task run; staging gone afterwards
+    steps = task_runs_of_last(prefect_server, "ingest")
+    assert steps == {"process-shard": "COMPLETED", "write-part": "COMPLETED"}, steps
+    assert sorted(p.name for p in tmp_path.iterdir() if "staging" in p.name) == []
+    assert "ingest: read+clean: " in out.stdout + out.stderr and "ETA" in out.stdout + out.stderr
     arts = api(
         prefect_server, "/artifacts/filter", {"artifacts": {"key": {"any_": ["ingest-data-card"]}}}
     )
@@ -128,7 +128,7 @@ def test_ingest_and_tokenize_on_a_local_dask_cluster(prefect_server, mlflow_sqli
     """infra.task_runner=dask: the same Prefect tasks, run by Dask workers (scheduler and workers
     on 127.0.0.1), write the same bytes as the stage logic run in this process."""
     from tasks.config import load_params
-    from tasks.ingest import finalize, plan_shards, process_shard
+    from tasks.ingest import run_ingest
     from tasks.tokenize import run_tokenize
 
     make_corpus(tmp_path / "corpus")
@@ -162,7 +162,7 @@ def test_ingest_and_tokenize_on_a_local_dask_cluster(prefect_server, mlflow_sqli
     assert "distributed.core" not in logs  # Dask's connection chatter stays out of the run log
 
     ref = load_params(params, dirs("ref"))
-    finalize([process_shard(s, ref.data) for s in plan_shards(ref.data)], ref.data)
+    run_ingest(ref.data, log=lambda m: None)
     run_tokenize(ref.tokenize, log=lambda m: None)
     files = sorted(
         p.relative_to(tmp_path / "ref")
@@ -274,6 +274,7 @@ def test_dvc_repro_then_noop_and_pipeline_flow_gives_same_lock(
     # (dill's captured dis() output, inherited log_prints) or transformers' generation warnings.
     assert "LOAD_GLOBAL" not in out.stdout + out.stderr
     assert "max_new_tokens" not in out.stdout + out.stderr
+    assert "it/s]" not in out.stdout + out.stderr  # no unlabelled progress bars (lm-eval's tqdm)
     # The run ends with a summary: every stage, ran or skipped, its time and key figure.
     summary = (out.stdout + out.stderr).split("pipeline done", 1)[1]
     for stage in STAGES:

@@ -2,20 +2,22 @@
 
 import json
 import os
+import subprocess
+import sys
 import time
 
 import pyarrow.parquet as pq
 import pytest
 
 from tasks.config import DataConfig, SourceConfig
-from tasks.ingest import SCHEMA, IngestError, finalize, plan_shards, process_shard
+from tasks.ingest import SCHEMA, IngestError, plan_shards, run_ingest
+from tasks.runners import serial_map
 from tasks.sources import SourceError
-from tests.conftest import make_corpus
+from tests.conftest import REPO, make_corpus
 
 
 def run(cfg, out):
-    results = [process_shard(s, cfg) for s in plan_shards(cfg)]
-    return finalize(results, cfg, out_dir=str(out))
+    return run_ingest(cfg, out_dir=str(out), log=lambda m: None)
 
 
 @pytest.fixture
@@ -77,9 +79,17 @@ def test_known_corpus_exact_counts(corpus, tmp_path):
 
 
 def test_output_independent_of_sharding(corpus, tmp_path):
+    """Parts are cut from the staged shards: one shard per input or one for all, the same bytes;
+    with small parts, most of them take their rows from several staged shards."""
     root, _ = corpus
-    a, b = tmp_path / "a", tmp_path / "b"
-    run(cfg_for(root, tmp_path, shard_docs=1), a)
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    run(cfg_for(root, tmp_path, shard_docs=1, part_max_bytes=1500), a)
+    run(cfg_for(root, tmp_path, shard_docs=100, part_max_bytes=1500), c)
+    names = sorted(p.name for p in a.iterdir())
+    assert len([n for n in names if n.startswith("part-")]) > 3
+    assert names == sorted(p.name for p in c.iterdir())
+    for name in names:
+        assert (a / name).read_bytes() == (c / name).read_bytes(), name
     run(cfg_for(root, tmp_path, shard_docs=100, part_max_bytes=10**9), b)
     ta = [r for p in sorted(a.glob("part-*.parquet")) for r in pq.read_table(p).to_pylist()]
     tb = [r for p in sorted(b.glob("part-*.parquet")) for r in pq.read_table(p).to_pylist()]
@@ -107,6 +117,76 @@ def test_nothing_usable_fails_and_keeps_previous_output(corpus, tmp_path):
         run(cfg_for(root, tmp_path, min_chars=100_000, max_chars=200_000), out)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".clean.")]  # no temp dirs left
+
+
+def test_staged_shards_are_removed_on_success_and_on_failure(corpus, tmp_path):
+    root, _ = corpus
+    cfg = cfg_for(root, tmp_path, shard_docs=2)
+    staged: list[str] = []
+
+    def spy(fn, jobs, label="", weights=None):
+        staged.extend(j["stage_file"] for j in jobs if "stage_file" in j)
+        return serial_map(fn, jobs)
+
+    run_ingest(cfg, out_dir=str(tmp_path / "ok" / "clean"), map_fn=spy, log=lambda m: None)
+    assert len(staged) > 3 and not any(os.path.exists(f) for f in staged)
+    assert sorted(p.name for p in (tmp_path / "ok").iterdir()) == ["clean"]
+
+    def dies_after_two(fn, jobs, label="", weights=None):  # a worker lost mid-stage
+        serial_map(fn, jobs[:2])
+        assert all(os.path.exists(j["stage_file"]) for j in jobs[:2])
+        raise RuntimeError("worker lost")
+
+    with pytest.raises(RuntimeError, match="worker lost"):
+        run_ingest(cfg, out_dir=str(tmp_path / "bad" / "clean"), map_fn=dies_after_two)
+    assert list((tmp_path / "bad").iterdir()) == []  # no output, no staging left behind
+
+
+def fake_code(rng, n_bytes: int) -> str:
+    """Code-like text that passes the quality filters and shares no 5-gram run with other files."""
+    lines, size = [], 0
+    while size < n_bytes:
+        a, b, c = (f"{rng.choice('abcdefghij')}{rng.getrandbits(40):x}" for _ in range(3))
+        line = (
+            f"    {a} = compute_{b}({c}, limit={rng.randint(0, 999)})  # step {rng.getrandbits(20)}"
+        )
+        lines.append(line)
+        size += len(line) + 1
+    return "def main():\n" + "\n".join(lines) + "\n"
+
+
+def peak_rss_mb(root, out) -> float:
+    """Peak resident memory of an ingest of ``root`` (serial: one process is the whole tree)."""
+    script = (
+        "import resource, sys\n"
+        "from tasks.config import DataConfig, SourceConfig\n"
+        "from tasks.ingest import run_ingest\n"
+        f"cfg = DataConfig(sources=[SourceConfig(uri={str(root)!r}, name='gen', license='CC0-1.0')],"
+        f" metrics_file={str(out)!r} + '.json', shard_docs=50)\n"
+        f"s = run_ingest(cfg, out_dir={str(out)!r}, log=lambda m: None)\n"
+        "print(s.metrics['docs_out'], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    docs, kb = out.stdout.split()[-2:]
+    return int(docs), int(kb) / 1024
+
+
+def test_peak_memory_does_not_grow_with_the_corpus(tmp_path):
+    """Ten times the corpus, about the same peak: no process holds the corpus's text."""
+    import random
+
+    rng = random.Random(7)
+    for name, files in (("small", 60), ("large", 600)):
+        for i in range(files):
+            (tmp_path / name).mkdir(exist_ok=True)
+            (tmp_path / name / f"m{i:04d}.py").write_text(fake_code(rng, 50_000))
+    small_docs, small = peak_rss_mb(tmp_path / "small", tmp_path / "out-small")
+    large_docs, large = peak_rss_mb(tmp_path / "large", tmp_path / "out-large")
+    print(f"peak RSS: {small:.0f} MB for 3 MB, {large:.0f} MB for 30 MB ({large / small:.2f}x)")
+    assert (small_docs, large_docs) == (60, 600)
+    assert large < 1.3 * small, (small, large)
 
 
 def test_missing_path_and_empty_glob_are_source_errors(tmp_path):

@@ -206,7 +206,7 @@ def test_registry_has_version_and_aliases_on_a_server(inputs, tmp_path, mlflow_s
     assert champion.version == info["version"]
     # the version says what it is and how it scored, where the registry shows it
     assert "Evaluation gate: passed" in champion.description
-    assert "| humaneval_bpb |" in champion.description
+    assert "| humaneval_bpb | " in champion.description and " bits/byte |" in champion.description
     assert champion.tags["gate"] == "passed"
     assert float(champion.tags["eval.humaneval_bpb"]) == pytest.approx(
         manifest["evaluation"]["humaneval_bpb"], rel=1e-3

@@ -6,7 +6,7 @@ import boto3
 import pytest
 
 from tasks.config import DataConfig, SourceConfig
-from tasks.ingest import finalize, plan_shards, process_shard
+from tasks.ingest import run_ingest
 from tasks.storage import StorageError, download_file, list_s3, read_bytes, upload_file
 from tests.conftest import make_corpus
 
@@ -31,9 +31,7 @@ def test_ingest_from_s3_matches_local(bucket, tmp_path):
         metrics_file=str(tmp_path / "m.json"),
         min_chars=50,
     )
-    summary = finalize(
-        [process_shard(s, cfg) for s in plan_shards(cfg)], cfg, out_dir=str(tmp_path / "out")
-    )
+    summary = run_ingest(cfg, out_dir=str(tmp_path / "out"), log=lambda m: None)
     t = summary.metrics
     assert t["docs_out"] == expect["docs_out"] and t["quarantined"] == expect["quarantined"]
     assert t["exact_duplicates"] == expect["exact"] and t["near_duplicates"] == expect["near"]

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tasks.config import DataConfig, SourceConfig, TokenizeConfig
-from tasks.ingest import finalize, plan_shards, process_shard
+from tasks.ingest import run_ingest
 from tasks.tokenize import (
     ROUND_TRIP_PROBE,
     EncoderSpec,
@@ -46,7 +46,7 @@ def clean_dir(tmp_path_factory):
         min_chars=50,
         part_max_bytes=300_000,
     )
-    finalize([process_shard(s, cfg) for s in plan_shards(cfg)], cfg, out_dir=str(tmp / "clean"))
+    run_ingest(cfg, out_dir=str(tmp / "clean"), log=lambda m: None)
     return tmp
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from tasks.config import DataConfig, SourceConfig
-from tasks.ingest import finalize, plan_shards, process_shard
+from tasks.ingest import run_ingest
 from tests.conftest import REPO, prose
 
 CANARY = "canary-outside-the-source-5d1e"
@@ -31,7 +31,7 @@ def ingest(tmp: Path, uri: str, **kw) -> tuple[list[dict], str]:
         decontam_benchmarks=[],
         min_chars=10,
     )
-    finalize([process_shard(s, cfg) for s in plan_shards(cfg)], cfg, out_dir=cfg.out_dir)
+    run_ingest(cfg, log=lambda m: None)
     rows = [json.loads(x) for x in (tmp / "out" / "quarantine.jsonl").read_text().splitlines()]
     text = "".join(
         t
