@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import shutil
 import socket
@@ -33,11 +34,6 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-
-
-def stdlib_mb() -> float:
-    root = Path(sysconfig.get_paths()["stdlib"])
-    return sum(p.stat().st_size for p in root.rglob("*.py")) / 1e6
 
 
 def site_packages_corpus(dest: Path, mb: float) -> float:
@@ -119,12 +115,11 @@ def main() -> None:
     args = ap.parse_args()
     scales = [float(s) for s in args.scales.split(",")]
     base = yaml.safe_load((REPO / "params.yaml").read_text())
-    demo_mb = stdlib_mb()
     with tempfile.TemporaryDirectory(prefix="data-scale-") as tmp_s:
         tmp = Path(tmp_s)
         with prefect_server(tmp / "prefect") as api:
             env = {**os.environ, "PREFECT_API_URL": api, "PREFECT_LOGGING_LEVEL": "WARNING"}
-            rows = run_all(scales, args.workers, base, demo_mb, tmp, env)
+            rows = run_all(scales, args.workers, base, tmp, env)
     report(rows, scales)
 
 
@@ -157,17 +152,20 @@ def prefect_server(home: Path):
         proc.wait(30)
 
 
-def run_all(scales, workers, base, demo_mb, tmp: Path, env: dict) -> list[dict]:
+def run_all(scales, workers, base, tmp: Path, env: dict) -> list[dict]:
+    """The 1x run first: what ingest read of the stdlib sets the size of the others."""
     rows = []
+    demo_mb = None
     for scale in scales:
         d = tmp / f"x{scale:g}"
         d.mkdir()
         if scale == 1:
             source = {"uri": "stdlib", "name": "python-stdlib", "license": "PSF-2.0"}
-            mb = demo_mb
-            what = "Python stdlib .py (the embedded default)"
+            what = "Python stdlib (the embedded default)"
         else:
-            mb = site_packages_corpus(d / "corpus", scale * demo_mb)
+            if demo_mb is None:
+                raise SystemExit("--scales must start with 1")
+            site_packages_corpus(d / "corpus", scale * demo_mb)
             source = {"uri": str(d / "corpus"), "name": "site-packages", "license": "mixed"}
             what = "site-packages .py files"
         p = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
@@ -189,6 +187,10 @@ def run_all(scales, workers, base, demo_mb, tmp: Path, env: dict) -> list[dict]:
         params.write_text(yaml.safe_dump(p))
         for stage, module in (("ingest", "flows.ingest"), ("tokenize", "flows.tokenize")):
             r = run_stage(module, params, env)
+            card = json.loads((d / "clean" / "card.json").read_text())
+            # MB in: what ingest read; what tokenize read (ingest's output)
+            mb = card["totals"]["bytes_in" if stage == "ingest" else "bytes_out"] / 1e6
+            demo_mb = demo_mb or mb
             r.update(stage=stage, scale=scale, mb=mb, what=what)
             rows.append(r)
             print(

@@ -118,6 +118,13 @@ SPLIT_PATTERN = (
 )
 
 
+class MixtureWeight(Section):
+    """One source's place in the training mixture (``tokenize.mixture.<source name>``)."""
+
+    weight: float  # target share of the training tokens (relative to the other weights)
+    max_epochs: float = 1.0  # repetition cap: at most this many passes over the source
+
+
 class TokenizeConfig(Section):
     """The tokenize stage: data/clean -> a byte-level BPE tokenizer and packed token shards."""
 
@@ -144,6 +151,10 @@ class TokenizeConfig(Section):
         default=0.05, gt=0, lt=1
     )  # documents held out, by a hash of their id
     workers: int = Field(default=2, ge=1)
+    # Weighted source mixture of the train split, by source name (the data card's names): a
+    # target share of training tokens and a repetition cap each. Sources left out keep their
+    # natural share; {} (the default): every source in proportion to its size.
+    mixture: dict[str, MixtureWeight] = Field(default_factory=dict)
     fast_encoder: bool = True  # tiktoken built from our merges, when it matches exactly
     check_docs: int = Field(default=128, ge=1)  # documents compared fast vs reference every run
     model_max_length: int = Field(default=2048, ge=16)
@@ -154,6 +165,22 @@ class TokenizeConfig(Section):
 
     @model_validator(mode="after")
     def _check(self) -> TokenizeConfig:
+        for name, m in self.mixture.items():
+            if m.weight < 0 or m.weight != m.weight:
+                raise ValueError(
+                    f"mixture source {name!r}: weight {m.weight} is negative; a weight is a share "
+                    "of the training tokens, 0 or more"
+                )
+            if not m.max_epochs >= 1:
+                raise ValueError(
+                    f"mixture source {name!r}: max_epochs {m.max_epochs} is below 1; it caps how "
+                    "many times the source may be repeated (1: never)"
+                )
+        if self.mixture and not sum(m.weight for m in self.mixture.values()) > 0:
+            raise ValueError(
+                "the mixture's weights sum to 0: give at least one source a positive weight, or "
+                "remove tokenize.mixture to keep every source's natural share"
+            )
         specials = self.special_tokens
         if len(set(specials)) != len(specials):
             raise ValueError(f"special tokens must be distinct: {specials}")

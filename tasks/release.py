@@ -86,11 +86,14 @@ def load_inputs(p: Params) -> dict:
     train = (
         json.loads(Path(cfg.train_summary).read_text()) if Path(cfg.train_summary).exists() else {}
     )
+    index_path = Path(p.tokenize.tokens_dir) / "index.json"
+    index = json.loads(index_path.read_text()) if index_path.exists() else {}
     return {
         "results": results,
         "gate": gate,
         "card": card,
         "train": train,
+        "mixture": index.get("mixture", {}),
         "config": json.loads((model / "config.json").read_text()),
     }
 
@@ -179,6 +182,7 @@ def model_card(p: Params, inputs: dict, lineage: dict) -> str:
         *(f"| {k.replace('_', ' ')} | {v:,} |" for k, v in removed.items()),
         *([] if removed else ["| (none) | 0 |"]),
         "",
+        *mixture_table(inputs["mixture"]),
         "Personal data replaced by placeholders: "
         + (", ".join(f"{v:,} {k.replace('_', ' ')}" for k, v in pii.items()) or "none found")
         + ". "
@@ -232,6 +236,24 @@ def model_card(p: Params, inputs: dict, lineage: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def mixture_table(mixture: dict) -> list[str]:
+    """The training mixture's target and realised shares (tokenize.mixture), when one was set."""
+    if not mixture:
+        return []
+    rows = [
+        "Training mixture (share of training tokens, `tokenize.mixture`):",
+        "",
+        "| source | natural | target | realised | passes | cap |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for s, r in mixture.items():
+        rows.append(
+            f"| {s} | {100 * r['natural_share']:.1f}% | {100 * r['target_share']:.1f}% | "
+            f"{100 * r['realised_share']:.1f}% | {r['epochs']:.2f} | {r['max_epochs'] or '-'} |"
+        )
+    return [*rows, ""]
 
 
 def data_notices(card: dict) -> str:

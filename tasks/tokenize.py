@@ -15,9 +15,12 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
+import os
+import re
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -277,17 +280,32 @@ class PartResult:
     bytes: dict[str, int]
     not_round_trip: int
     counts: np.ndarray  # token id histogram over train+val, for vocabulary usage
+    # each train document, in order: its length in tokens (EOS included), source and draw
+    train_lengths: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    train_sources: list[str] = field(default_factory=list)
+    train_draws: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
 
 def encode_part(
     part: str, out_dir: str, spec: EncoderSpec, cfg: TokenizeConfig, vocab_size: int, eos_id: int
 ) -> PartResult:
     """Encode one parquet part into ``out_dir/{train,val}/<part>.bin``."""
-    table = pq.read_table(part, columns=["id", "text"])
+    table = pq.read_table(part, columns=["id", "text", "source"])
     ids, texts = table.column("id").to_pylist(), table.column("text").to_pylist()
     split_of = ["val" if is_val(i, cfg.val_fraction) else "train" for i in ids]
     name = Path(part).stem + ".bin"
-    return pack_texts(name, texts, split_of, spec, cfg, out_dir, vocab_size, eos_id)
+    res = pack_texts(name, texts, split_of, spec, cfg, out_dir, vocab_size, eos_id)
+    train = [i for i, s in enumerate(split_of) if s == "train"]
+    sources = table.column("source").to_pylist()
+    res.train_sources = [sources[i] for i in train]
+    res.train_draws = np.array([mixture_draw(ids[i]) for i in train])
+    return res
+
+
+def mixture_draw(doc_id: str) -> float:
+    """A document's place in [0, 1) for the mixture's down- and upsampling (independent of the
+    train/val split's hash)."""
+    return int(hashlib.sha256(f"mixture\0{doc_id}".encode()).hexdigest()[:13], 16) / 16**13
 
 
 def pack_texts(
@@ -305,11 +323,14 @@ def pack_texts(
     res = PartResult(name, dict(zero), dict(zero), dict(zero), 0, np.zeros(vocab_size, np.int64))
     eos = np.array([eos_id], np.uint32)
     pieces: dict[str, list[np.ndarray]] = {"train": [], "val": []}
+    lengths = []
     for text, ids, split in zip(texts, encode_batch(spec, cfg, texts), split_of, strict=True):
         data = text.encode("utf-8", "surrogatepass")
         if decode_bytes(spec, cfg, ids) != data:
             res.not_round_trip += 1
         pieces[split] += (ids, eos)
+        if split == "train":
+            lengths.append(len(ids) + 1)
         res.docs[split] += 1
         res.bytes[split] += len(data)
     for split, chunks in pieces.items():
@@ -319,7 +340,118 @@ def pack_texts(
         path = Path(out_dir) / split / res.name
         path.parent.mkdir(parents=True, exist_ok=True)
         arr.tofile(path)
+    res.train_lengths = np.array(lengths, np.int64)
     return res
+
+
+# --- Weighted source mixture of the train split -------------------------------------------------
+
+
+def mixture_shares(mixture: dict, natural: dict[str, float]) -> dict[str, float]:
+    """Target share of the training tokens per source: sources without a weight keep their natural
+    share; the weighted ones divide the rest in proportion to their weights."""
+    total = sum(natural.values())
+    fixed = {s: n / total for s, n in natural.items() if s not in mixture}
+    rest = 1.0 - sum(fixed.values())
+    wsum = sum(m.weight for m in mixture.values())
+    return {**fixed, **{s: rest * m.weight / wsum for s, m in mixture.items()}}
+
+
+def mixture_epochs(mixture: dict, natural: dict[str, float], unit: str) -> dict[str, float]:
+    """Passes over each source that realise the target shares with the train split's size kept;
+    a weight on a source with nothing in the split, or one its cap cannot meet, is an error."""
+    empty = [s for s in mixture if natural.get(s, 0) <= 0]
+    if empty:
+        raise TokenizeError(
+            f"tokenize.mixture weights {', '.join(map(repr, empty))}, which yielded no training "
+            f"documents (sources in the corpus: {', '.join(sorted(natural)) or 'none'}); fix the "
+            "name or remove the weight"
+        )
+    total = sum(natural.values())
+    shares = mixture_shares(mixture, natural)
+    epochs = {s: shares[s] * total / n for s, n in natural.items()}
+    for s, m in mixture.items():
+        if epochs[s] > m.max_epochs * (1 + 1e-9):
+            raise TokenizeError(
+                f"tokenize.mixture.{s}: weight {m.weight} asks for {100 * shares[s]:.1f}% of the "
+                f"training {unit}, {epochs[s]:.2f} passes over a source that holds "
+                f"{100 * natural[s] / total:.1f}% of them, over its cap max_epochs {m.max_epochs}; "
+                f"raise max_epochs to {math.ceil(epochs[s] * 100) / 100} or lower the weight"
+            )
+    return epochs
+
+
+def check_mixture(cfg: TokenizeConfig, parts: Sequence[Path]) -> None:
+    """Before any work: the mixture's sources exist and its caps can be met (train-split bytes
+    stand in for tokens; the realised shares use tokens)."""
+    if not cfg.mixture:
+        return
+    natural: dict[str, float] = {}
+    for p in parts:
+        t = pq.read_table(p, columns=["id", "source", "n_bytes"])
+        ids, src, n = (t.column(c).to_pylist() for c in ("id", "source", "n_bytes"))
+        for i, s, b in zip(ids, src, n, strict=True):
+            if not is_val(i, cfg.val_fraction):
+                natural[s] = natural.get(s, 0) + b
+    mixture_epochs(cfg.mixture, natural, "bytes")
+
+
+def assign_copies(results: list[PartResult], mixture: dict) -> tuple[list[np.ndarray], dict]:
+    """How many times each train document enters the packed split, and the mixture report.
+
+    A source with e passes gives every document floor(e) copies, and one more to its documents
+    in the order of their draws until the fractional pass's token budget is filled: deterministic,
+    spread over every part, within one document of the target."""
+    lengths = np.concatenate([r.train_lengths for r in results])
+    sources = np.array([s for r in results for s in r.train_sources], dtype=object)
+    draws = np.concatenate([r.train_draws for r in results])
+    natural = {s: float(lengths[sources == s].sum()) for s in sorted(set(sources.tolist()))}
+    epochs = mixture_epochs(mixture, natural, "tokens")
+    copies = np.zeros(len(lengths), np.int64)
+    for s, e in epochs.items():
+        idx = np.flatnonzero(sources == s)
+        base = math.floor(e + 1e-12)
+        copies[idx] = base
+        budget = (e - base) * natural[s]
+        order = idx[np.argsort(draws[idx], kind="stable")]
+        before = np.cumsum(lengths[order]) - lengths[order]
+        copies[order[before < budget - 0.5]] += 1
+    total = float((lengths * copies).sum())
+    shares = mixture_shares(mixture, natural)
+    report = {}
+    for s in natural:
+        got = float((lengths * copies)[sources == s].sum())
+        m = mixture.get(s)
+        report[s] = {
+            "weight": m.weight if m else None,
+            "max_epochs": m.max_epochs if m else None,
+            "natural_tokens": int(natural[s]),
+            "natural_share": round(natural[s] / sum(natural.values()), 4),
+            "target_share": round(shares[s], 4),
+            "realised_tokens": int(got),
+            "realised_share": round(got / total, 4) if total else 0.0,
+            "epochs": round(got / natural[s], 4),
+        }
+    cuts = np.cumsum([len(r.train_lengths) for r in results])[:-1]
+    return np.split(copies, cuts), report
+
+
+def mix_part(path: str, lengths: np.ndarray, copies: np.ndarray, dtype: str) -> int:
+    """Rewrite one part's train tokens as the mixture asks: pass k holds, in order, the documents
+    with at least k copies (the loader visits windows in a shuffled order anyway)."""
+    arr = np.fromfile(path, dtype=dtype)
+    starts = np.cumsum(lengths) - lengths
+    out = [
+        arr[a : a + n]
+        for k in range(1, int(copies.max(initial=0)) + 1)
+        for a, n, c in zip(starts, lengths, copies, strict=True)
+        if c >= k
+    ]
+    mixed = np.concatenate(out) if out else np.zeros(0, dtype)
+    tmp = Path(path).with_suffix(".mixing")
+    mixed.tofile(tmp)
+    os.replace(tmp, path)
+    return len(mixed)
 
 
 @dataclass
@@ -336,6 +468,7 @@ def run_tokenize(
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     parts = parquet_parts(cfg.in_dir)
+    check_mixture(cfg, parts)  # a weight that cannot be met fails here, before any work
     tok = train_tokenizer(cfg)
     seconds["train_tokenizer"] = time.perf_counter() - t0
     vocab_size = tok.get_vocab_size()
@@ -369,7 +502,32 @@ def run_tokenize(
             [p.stat().st_size for p in parts],
         )
         seconds["encode_pack"] = time.perf_counter() - t2
+        mixture = None
+        if cfg.mixture:
+            t3 = time.perf_counter()
+            copies, mixture = assign_copies(results, cfg.mixture)
+            dtype = np.dtype(token_dtype(vocab_size)).name
+            jobs = [
+                dict(
+                    path=str(tmp / "train" / r.name), lengths=r.train_lengths, copies=c, dtype=dtype
+                )
+                for r, c in zip(results, copies, strict=True)
+            ]
+            sizes = [int(r.train_lengths.sum()) for r in results]
+            for r, c, n in zip(
+                results, copies, map_fn(mix_part, jobs, "tokenize: mix", sizes), strict=True
+            ):
+                r.tokens["train"], r.docs["train"] = n, int(c.sum())
+            seconds["mix"] = time.perf_counter() - t3
+            for s, m in mixture.items():
+                log(
+                    f"mixture: {s} {100 * m['realised_share']:.1f}% of training tokens (target "
+                    f"{100 * m['target_share']:.1f}%, natural {100 * m['natural_share']:.1f}%), "
+                    f"{m['epochs']:.2f} passes"
+                )
         index = build_index(results, cfg, vocab_size, eos_id, tok_hash, spec.kind, reason)
+        if mixture is not None:
+            index["mixture"] = mixture
         if index["splits"]["train"]["tokens"] == 0:
             raise TokenizeError(
                 "no training tokens: the corpus is empty or tokenize.val_fraction is too high"
@@ -429,4 +587,10 @@ def index_metrics(index: dict) -> dict:
         "bytes_per_token": index["bytes_per_token"],
         "vocab_usage": round(index["vocab_used"] / index["vocab_size"], 4),
         "not_round_trip": index["not_round_trip"],
+        **{  # target vs realised share of each source (MLflow metric names: no ':' or '/')
+            f"mix.{re.sub(r'[^A-Za-z0-9_.-]', '_', s)}.{k}": v
+            for s, r in index.get("mixture", {}).items()
+            for k in ("target_share", "realised_share", "epochs")
+            for v in [r[k]]
+        },
     }

@@ -258,3 +258,92 @@ def test_text_that_does_not_round_trip_is_counted(run, tmp_path):
     )
     assert res.not_round_trip == 1 and res.docs["train"] == 3
     assert (tmp_path / "train" / "p.bin").stat().st_size == res.tokens["train"] * 2
+
+
+@pytest.fixture(scope="module")
+def two_sources(tmp_path_factory):
+    """Two sources of similar size: stdlib files and generated code (small documents, so that a
+    share is met to within a fraction of a point)."""
+    import random
+
+    from tests.test_ingest import fake_code
+
+    tmp = tmp_path_factory.mktemp("mix")
+    rng = random.Random(3)
+    (tmp / "gen").mkdir()
+    for i in range(300):
+        (tmp / "gen" / f"g{i:03d}.py").write_text(fake_code(rng, rng.randint(2_000, 6_000)))
+    cfg = DataConfig(
+        sources=[
+            SourceConfig(uri="stdlib", name="stdlib", max_docs=250),
+            SourceConfig(uri=str(tmp / "gen"), name="generated"),
+        ],
+        metrics_file=str(tmp / "m.json"),
+        max_chars=12_000,
+        part_max_bytes=400_000,
+    )
+    run_ingest(cfg, out_dir=str(tmp / "clean"), log=lambda m: None)
+    return tmp
+
+
+def test_weighted_mixture_realises_its_shares_within_the_cap(two_sources):
+    from tasks.config import MixtureWeight
+
+    plain = run_tokenize(tcfg(two_sources, "plain", vocab_size=512), log=lambda m: None)
+    mix = {
+        "generated": MixtureWeight(weight=0.8, max_epochs=3),
+        "stdlib": MixtureWeight(weight=0.2),
+    }
+    mixed = run_tokenize(tcfg(two_sources, "mixed", vocab_size=512, mixture=mix), log=print)
+    m = mixed.index["mixture"]
+    print({s: (r["natural_share"], r["realised_share"], r["epochs"]) for s, r in m.items()})
+    for source, weight in (("generated", 0.8), ("stdlib", 0.2)):
+        assert m[source]["target_share"] == pytest.approx(weight)
+        assert abs(m[source]["realised_share"] - weight) <= 0.02, m
+    # generated is upsampled by repetition within its cap; stdlib downsampled, never repeated
+    assert 1 < m["generated"]["epochs"] <= 3 and m["stdlib"]["epochs"] < 1, m
+    # the split's size is kept (to within a document), the val split is untouched
+    natural = plain.index["splits"]["train"]["tokens"]
+    assert abs(mixed.index["splits"]["train"]["tokens"] - natural) < 0.01 * natural
+    for f in sorted((two_sources / "plain" / "tokens" / "val").iterdir()):
+        assert f.read_bytes() == (two_sources / "mixed" / "tokens" / "val" / f.name).read_bytes()
+    # the train stream holds only train documents: its token histogram is made of theirs
+    plain_train = np.concatenate(
+        [np.fromfile(f, np.uint16) for f in sorted((two_sources / "plain/tokens/train").iterdir())]
+    )
+    mixed_train = np.concatenate(
+        [np.fromfile(f, np.uint16) for f in sorted((two_sources / "mixed/tokens/train").iterdir())]
+    )
+    assert set(np.unique(mixed_train)) <= set(np.unique(plain_train))
+    # what the model card prints, and what MLflow gets
+    from tasks.release import mixture_table
+
+    card = "\n".join(mixture_table(m))
+    g = m["generated"]
+    assert f"| generated | {100 * g['natural_share']:.1f}% | 80.0% | " in card and "| 3.0 |" in card
+    assert mixed.metrics["mix.generated.realised_share"] == g["realised_share"]
+
+    # a cap the weight cannot be met within: refused before any work, naming the source
+    capped = {**mix, "generated": MixtureWeight(weight=0.8, max_epochs=1.2)}
+    with pytest.raises(
+        TokenizeError, match=r"tokenize.mixture.generated: weight 0.8 .*max_epochs 1.2"
+    ):
+        run_tokenize(tcfg(two_sources, "capped", vocab_size=512, mixture=capped))
+    assert not (two_sources / "capped").exists()
+    with pytest.raises(TokenizeError, match="'github', which yielded no training documents"):
+        run_tokenize(tcfg(two_sources, "x", mixture={"github": MixtureWeight(weight=1)}))
+
+
+@pytest.mark.parametrize(
+    "mixture, message",
+    [
+        ({"a": {"weight": -0.2}}, "mixture source 'a': weight -0.2 is negative"),
+        ({"a": {"weight": 0.5, "max_epochs": 0.5}}, "max_epochs 0.5 is below 1"),
+        ({"a": {"weight": 0}, "b": {"weight": 0}}, "weights sum to 0"),
+    ],
+)
+def test_bad_mixture_params_are_refused_with_the_source_named(mixture, message):
+    from tasks.config import ConfigError, params_from_dict
+
+    with pytest.raises(ConfigError, match=message):
+        params_from_dict({"tokenize": {"mixture": mixture}})
