@@ -79,12 +79,12 @@ class TreeSampler:
         self._thread.join()
 
 
-def run_stage(module: str, params: Path, env: dict) -> dict:
+def run_stage(module: str, params: Path, env: dict, repo: Path) -> dict:
     before = os.times()
     t0 = time.perf_counter()
     proc = subprocess.Popen(
         [sys.executable, "-m", module, "--params", str(params)],
-        cwd=REPO,
+        cwd=repo,
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -112,14 +112,27 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--scales", default="1,4,13")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument(
+        "--baseline",
+        metavar="REV",
+        help="also run the stages of this git revision (a worktree), at 1x and the largest scale",
+    )
     args = ap.parse_args()
     scales = [float(s) for s in args.scales.split(",")]
-    base = yaml.safe_load((REPO / "params.yaml").read_text())
     with tempfile.TemporaryDirectory(prefix="data-scale-") as tmp_s:
         tmp = Path(tmp_s)
         with prefect_server(tmp / "prefect") as api:
             env = {**os.environ, "PREFECT_API_URL": api, "PREFECT_LOGGING_LEVEL": "WARNING"}
-            rows = run_all(scales, args.workers, base, tmp, env)
+            rows = run_all(scales, args.workers, REPO, tmp / "new", env, "this tree")
+            if args.baseline:
+                wt = tmp / "baseline-src"
+                git = ["git", "-C", str(REPO), "worktree"]
+                subprocess.run([*git, "add", "--detach", str(wt), args.baseline], check=True)
+                try:
+                    base_scales = [scales[0], scales[-1]]
+                    rows += run_all(base_scales, args.workers, wt, tmp / "old", env, args.baseline)
+                finally:
+                    subprocess.run([*git, "remove", "--force", str(wt)], check=False)
     report(rows, scales)
 
 
@@ -152,13 +165,14 @@ def prefect_server(home: Path):
         proc.wait(30)
 
 
-def run_all(scales, workers, base, tmp: Path, env: dict) -> list[dict]:
+def run_all(scales, workers, repo: Path, tmp: Path, env: dict, code: str) -> list[dict]:
     """The 1x run first: what ingest read of the stdlib sets the size of the others."""
+    base = yaml.safe_load((repo / "params.yaml").read_text())
     rows = []
     demo_mb = None
     for scale in scales:
         d = tmp / f"x{scale:g}"
-        d.mkdir()
+        d.mkdir(parents=True)
         if scale == 1:
             source = {"uri": "stdlib", "name": "python-stdlib", "license": "PSF-2.0"}
             what = "Python stdlib (the embedded default)"
@@ -186,15 +200,15 @@ def run_all(scales, workers, base, tmp: Path, env: dict) -> list[dict]:
         params = d / "params.yaml"
         params.write_text(yaml.safe_dump(p))
         for stage, module in (("ingest", "flows.ingest"), ("tokenize", "flows.tokenize")):
-            r = run_stage(module, params, env)
+            r = run_stage(module, params, env, repo)
             card = json.loads((d / "clean" / "card.json").read_text())
             # MB in: what ingest read; what tokenize read (ingest's output)
             mb = card["totals"]["bytes_in" if stage == "ingest" else "bytes_out"] / 1e6
             demo_mb = demo_mb or mb
-            r.update(stage=stage, scale=scale, mb=mb, what=what)
+            r.update(stage=stage, scale=scale, mb=mb, what=what, code=code)
             rows.append(r)
             print(
-                f"{stage:<8} {scale:>4g}x {mb:7.1f} MB ({what}): wall {r['wall']:6.1f} s, "
+                f"[{code}] {stage:<8} {scale:>4g}x {mb:7.1f} MB ({what}): wall {r['wall']:6.1f} s, "
                 f"{r['cpu']:6.1f} CPU-s, {mb / r['cpu']:5.2f} MB/CPU-s, "
                 f"{r['cpu'] / r['wall']:.2f} cores busy, tree peak {r['tree_mb']:6.0f} MB, "
                 f"largest process {r['proc_mb']:5.0f} MB",
@@ -206,19 +220,31 @@ def run_all(scales, workers, base, tmp: Path, env: dict) -> list[dict]:
 
 def report(rows: list[dict], scales: list[float]) -> None:
     print()
-    for stage in ("ingest", "tokenize"):
-        by = {r["scale"]: r for r in rows if r["stage"] == stage}
-        if 1 in by:
-            for s in scales[1:]:
+    for code in dict.fromkeys(r["code"] for r in rows):
+        for stage in ("ingest", "tokenize"):
+            by = {r["scale"]: r for r in rows if r["stage"] == stage and r["code"] == code}
+            for s in [s for s in scales[1:] if s in by and 1 in by]:
                 print(
-                    f"{stage}: tree peak at {s:g}x / 1x = {by[s]['tree_mb'] / by[1]['tree_mb']:.2f}; "
-                    f"largest process at {s:g}x: {by[s]['proc_mb']:.0f} MB"
+                    f"[{code}] {stage}: tree peak at {s:g}x / 1x = "
+                    f"{by[s]['tree_mb'] / by[1]['tree_mb']:.2f}; largest process at {s:g}x: "
+                    f"{by[s]['proc_mb']:.0f} MB"
                 )
-        if len(scales) >= 3:
-            lo, hi = by[scales[-2]], by[scales[-1]]
+            if len(scales) >= 3 and all(s in by for s in scales[-2:]):
+                lo, hi = by[scales[-2]], by[scales[-1]]
+                print(
+                    f"[{code}] {stage}: CPU-s per MB at {scales[-1]:g}x / at {scales[-2]:g}x = "
+                    f"{(hi['cpu'] / hi['mb']) / (lo['cpu'] / lo['mb']):.2f}"
+                )
+    codes = list(dict.fromkeys(r["code"] for r in rows))
+    if len(codes) == 2:  # this tree against the baseline revision, same run
+        new, old = codes
+        for r in [r for r in rows if r["code"] == old]:
+            same = (r["stage"], r["scale"])
+            n = next(x for x in rows if x["code"] == new and (x["stage"], x["scale"]) == same)
             print(
-                f"{stage}: CPU-s per MB at {scales[-1]:g}x / at {scales[-2]:g}x = "
-                f"{(hi['cpu'] / hi['mb']) / (lo['cpu'] / lo['mb']):.2f}"
+                f"{r['stage']} {r['scale']:g}x, this tree / {old}: CPU-s {n['cpu'] / r['cpu']:.2f}, "
+                f"wall {n['wall'] / r['wall']:.2f}, tree peak {n['tree_mb'] / r['tree_mb']:.2f}, "
+                f"largest process {n['proc_mb'] / r['proc_mb']:.2f}"
             )
 
 

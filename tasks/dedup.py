@@ -3,17 +3,25 @@
 Word n-grams are hashed once per document with numpy (a rolling polynomial over per-word CRC32s);
 the same hashes feed MinHash shingles here and the decontamination n-grams in ``decontam.py``.
 Signatures use datasketch's own permutations and its update formula, computed in blocks so a large
-document never builds a huge matrix; candidates come from datasketch's ``MinHashLSH`` and are kept
-only when their estimated Jaccard similarity reaches the threshold. Documents are visited in a fixed
-global order, so the first of a group is kept whatever the parallelism upstream.
+document never builds a huge matrix.
+
+Near duplicates are found by LSH banding as distributable steps: each band (datasketch's optimal
+bands and rows for the threshold) buckets the documents by their signature slice and yields the
+pairs that share a bucket (one task per band: on the process pool or the Dask cluster); the pairs
+are verified (estimated Jaccard similarity at least the threshold), and one pass in the fixed
+global order keeps the first document of every group: a document is dropped when it pairs with an
+earlier kept one. That is exactly what an in-memory datasketch ``MinHashLSH`` gives when documents
+are inserted in order (tested), whatever the parallelism upstream.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
-from datasketch import LeanMinHash, MinHash, MinHashLSH
+from datasketch import MinHash
+from datasketch.lsh import _optimal_param
 from datasketch.minhash import _fmix
 
 _P = np.uint64(0x100000001B3)  # FNV-64 prime: odd, so the rolling hash mixes every position
@@ -103,27 +111,68 @@ class DedupResult:
         return len(self.near_of)
 
 
+def lsh_bands(threshold: float, num_perm: int) -> tuple[int, int]:
+    """Bands and rows per band: datasketch's own choice for ``MinHashLSH(threshold, num_perm)``."""
+    return _optimal_param(threshold, num_perm, 0.5, 0.5)
+
+
+def band_pairs(band: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Pairs ``(i, j)``, ``i < j``, of ``rows`` whose signature slices in this band are equal."""
+    if len(rows) < 2:
+        return np.zeros((0, 2), np.int64)
+    _, bucket = np.unique(band, axis=0, return_inverse=True)
+    bucket = bucket.ravel()
+    order = np.argsort(bucket, kind="stable")
+    cuts = np.flatnonzero(np.diff(bucket[order])) + 1
+    pairs = []
+    for group in np.split(order, cuts):
+        if len(group) > 1:
+            members = np.sort(rows[group])
+            a, b = np.triu_indices(len(members), k=1)
+            pairs.append(np.stack([members[a], members[b]], axis=1))
+    return np.concatenate(pairs) if pairs else np.zeros((0, 2), np.int64)
+
+
 def deduplicate(
-    sha256s: list[str], signatures: list[np.ndarray], threshold: float, num_perm: int, seed: int
+    sha256s: list[str],
+    signatures: list[np.ndarray],
+    threshold: float,
+    num_perm: int,
+    map_fn: Callable | None = None,
 ) -> DedupResult:
-    """Keep the first document of every exact (same sha256) or near-duplicate group, in order."""
-    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
-    seen: dict[str, int] = {}
-    kept_sigs: dict[int, LeanMinHash] = {}
+    """Keep the first document of every exact (same sha256) or near-duplicate group, in order.
+
+    ``map_fn`` (a ``tasks.runners.MapFn``) runs the band steps; serially when it is None."""
     res = DedupResult(keep=[False] * len(sha256s))
-    for i, (digest, sig) in enumerate(zip(sha256s, signatures, strict=True)):
+    seen: dict[str, int] = {}
+    unique = []
+    for i, digest in enumerate(sha256s):
         if digest in seen:
             res.exact_of[i] = seen[digest]
-            continue
-        seen[digest] = i
-        mh = LeanMinHash(seed=seed, hashvalues=sig, scheme=SCHEME)
-        match = next(
-            (j for j in sorted(lsh.query(mh)) if kept_sigs[j].jaccard(mh) >= threshold), None
+        else:
+            seen[digest] = i
+            unique.append(i)
+    rows = np.array(unique, np.int64)
+    sig = np.stack([signatures[i] for i in unique]) if unique else np.zeros((0, num_perm))
+    b, r = lsh_bands(threshold, num_perm)
+    jobs = [{"band": sig[:, k * r : (k + 1) * r], "rows": rows} for k in range(b)]
+    if map_fn is None:
+        found = [band_pairs(**job) for job in jobs]
+    else:
+        found = map_fn(
+            band_pairs, jobs, "ingest: near-dup bands", [job["band"].nbytes for job in jobs]
         )
-        if match is not None:
+    pairs = np.unique(np.concatenate([np.zeros((0, 2), np.int64), *found]), axis=0)
+    # verify: the estimated Jaccard similarity (the share of equal signature values)
+    at = np.searchsorted(rows, pairs)  # rows is sorted: a document's row in sig
+    sim = (sig[at[:, 0]] == sig[at[:, 1]]).sum(axis=1) / num_perm
+    earlier: dict[int, list[int]] = {}
+    for i, j in pairs[sim >= threshold].tolist():
+        earlier.setdefault(j, []).append(i)
+    for i in unique:
+        match = min((j for j in earlier.get(i, ()) if res.keep[j]), default=None)
+        if match is None:
+            res.keep[i] = True
+        else:
             res.near_of[i] = match
-            continue
-        lsh.insert(i, mh)
-        kept_sigs[i] = mh
-        res.keep[i] = True
     return res

@@ -213,6 +213,10 @@ def write_part(segments: list, path: str) -> str:
     return Path(path).name
 
 
+def _docs_read(result: ShardResult) -> int:
+    return sum(st.docs_in for st in result.stats.values())
+
+
 def run_ingest(
     cfg: DataConfig,
     s3: S3Settings | None = None,
@@ -237,7 +241,13 @@ def run_ingest(
             }
             for i, s in enumerate(shards)
         ]
-        results = map_fn(process_shard, jobs, "ingest: read+clean", sizes)
+        results = map_fn(
+            process_shard,
+            jobs,
+            "ingest: read+clean",
+            sizes,
+            _docs_read,
+        )
         return finalize(results, cfg, str(out), map_fn)
 
 
@@ -261,7 +271,7 @@ def finalize(
     contamination = [c for res in results for c in res.contamination]
 
     dd = deduplicate(
-        [r["sha256"] for r in rows], sigs, cfg.minhash_threshold, cfg.minhash_perm, cfg.seed
+        [r["sha256"] for r in rows], sigs, cfg.minhash_threshold, cfg.minhash_perm, map_fn
     )
     by_label = {src.label: i for i, src in enumerate(cfg.sources)}
     dup = {i: Counter() for i in stats}

@@ -34,14 +34,19 @@ def as_task(name: str, fn: Callable[[], T]) -> T:
     return task(fn, name=name, cache_policy=NONE, persist_result=False)()
 
 
-# How a stage maps a plain function over jobs: ``map_fn(fn, kwargs_list, label, weights)``
+# How a stage maps a plain function over jobs: ``map_fn(fn, kwargs_list, label, weights, docs)``
 # returns ``[fn(**kw) for kw in kwargs_list]`` in order. ``weights`` (bytes) drive the progress
-# line. Tests and benchmarks call the stages with ``serial_map``; the flows pass ``task_map``.
-MapFn = Callable[[Callable, list[dict], str, list[float]], list]
+# line, and ``docs(result)``, when given, the documents it counts. Tests and benchmarks call the
+# stages with ``serial_map``; the flows pass ``task_map``.
+MapFn = Callable[..., list]
 
 
 def serial_map(
-    fn: Callable, kwargs_list: list[dict], label: str = "", weights: list[float] | None = None
+    fn: Callable,
+    kwargs_list: list[dict],
+    label: str = "",
+    weights: list[float] | None = None,
+    docs: Callable | None = None,
 ) -> list:
     return [fn(**kw) for kw in kwargs_list]
 
@@ -60,16 +65,18 @@ def task_map(runner: TaskRunner, log: Callable[[str], None]) -> MapFn:
 
     from tasks.summary import Progress
 
-    def map_fn(fn, kwargs_list, label="", weights=None):
+    def map_fn(fn, kwargs_list, label="", weights=None, docs=None):
         weights = weights or [1] * len(kwargs_list)
         progress = Progress(label or fn.__name__, sum(weights), log, unit=" MB", scale=1e-6)
         futures = [runner.submit(_prefect_task(fn), kw) for kw in kwargs_list]
         where = {id(f): i for i, f in enumerate(futures)}
         results: list = [None] * len(futures)
+        n_docs = 0
         for f in as_completed(futures):
             i = where[id(f)]
             results[i] = f.result()
-            progress.advance(weights[i])
+            n_docs += docs(results[i]) if docs else 0
+            progress.advance(weights[i], f", {n_docs:,} docs" if docs else "")
         return results
 
     return map_fn

@@ -25,7 +25,7 @@ HEADLINE = {
 
 # metric name -> (unit, scale, decimals); the name's suffix decides when it is not listed
 UNITS = {
-    "peak_flops": ("TFLOP/s", 1e-12, 2),
+    "peak_flops": ("FLOP/s", None, 2),  # None: SI prefix by magnitude (G on a CPU, T on a GPU)
     "flops_per_token": ("MFLOP", 1e-6, 1),
     "tokens_per_s": ("tokens/s", 1, 0),
     "mfu": ("%", 100, 1),
@@ -39,12 +39,18 @@ UNITS = {
 
 
 def human(key: str, value) -> str:
-    """``peak_flops 163640069269.65`` -> ``163.64 TFLOP/s``; integers get thousands separators."""
+    """``peak_flops 163640069269.65`` -> ``163.64 GFLOP/s``; integers get thousands separators."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return str(value)
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     unit, scale, digits = UNITS.get(key, ("", 1, None))
+    if scale is None:
+        prefix, scale = next(
+            ((p, s) for p, s in (("P", 1e-15), ("T", 1e-12), ("G", 1e-9)) if abs(value) * s >= 1),
+            ("M", 1e-6),
+        )
+        unit = prefix + unit
     v = value * scale
     if digits is None:
         digits = 0 if isinstance(value, int) else (4 if abs(v) < 10 else 2)
@@ -81,6 +87,7 @@ class Progress:
         self.unit, self.scale = unit, scale
         self.t0 = self.last = time.monotonic()
         self.done = 0
+        self.first: tuple[float, float] | None = None  # (time, amount) of the first advance
 
     def _fmt(self, v: float) -> str:
         v *= self.scale
@@ -89,11 +96,23 @@ class Progress:
     def advance(self, n: float = 1, extra: str = "") -> None:
         self.done += n
         now = time.monotonic()
+        if self.first is None:
+            self.first = (now, self.done)
         if now - self.last < self.every_s and self.done < self.total:
             return
         self.last = now
         rate = self.done / max(now - self.t0, 1e-9)
-        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+        # the ETA leaves out the start (workers starting, indexes loading): it is the rate since
+        # the first piece of work completed, unknown until a second one has
+        t1, d1 = self.first
+        recent = (self.done - d1) / (now - t1) if now > t1 and self.done > d1 else 0.0
+        eta = (
+            0.0
+            if self.done >= self.total
+            else (self.total - self.done) / recent
+            if recent
+            else float("inf")
+        )
         self.log(
             f"{self.label}: {self._fmt(self.done)}/{self._fmt(self.total)}{self.unit} "
             f"({100 * self.done / max(self.total, 1e-9):.0f}%), {rate * self.scale:,.1f}{self.unit}/s, "

@@ -500,6 +500,7 @@ def run_tokenize(
             ],
             "tokenize: encode+pack",
             [p.stat().st_size for p in parts],
+            lambda r: sum(r.docs.values()),
         )
         seconds["encode_pack"] = time.perf_counter() - t2
         mixture = None

@@ -98,11 +98,13 @@ def test_ingest_flow_on_prefect_server_with_artifact_and_mlflow(
     runs = api(prefect_server, "/flow_runs/filter", {"flow_runs": {"name": {"like_": ""}}})
     ingest_runs = [r for r in runs if r["state_type"] == "COMPLETED"]
     assert ingest_runs, runs
-    # each shard cleaned and each output part written as a task run; staging gone afterwards
+    # each shard cleaned, each LSH band bucketed and each output part written as a task run;
+    # the staging folder gone afterwards
     steps = task_runs_of_last(prefect_server, "ingest")
-    assert steps == {"process-shard": "COMPLETED", "write-part": "COMPLETED"}, steps
+    assert steps == dict.fromkeys(("process-shard", "band-pairs", "write-part"), "COMPLETED"), steps
     assert sorted(p.name for p in tmp_path.iterdir() if "staging" in p.name) == []
-    assert "ingest: read+clean: " in out.stdout + out.stderr and "ETA" in out.stdout + out.stderr
+    line = next(x for x in (out.stdout + out.stderr).splitlines() if "ingest: read+clean: " in x)
+    assert re.search(r"MB \(100%\), [\d.,]+ MB/s, ETA 0 s, \d+ docs$", line), line
     arts = api(
         prefect_server, "/artifacts/filter", {"artifacts": {"key": {"any_": ["ingest-data-card"]}}}
     )
@@ -363,7 +365,7 @@ def test_train_flow_end_to_end_within_a_minute(prefect_server, mlflow_sqlite, tm
     )
     # formatted for people: units and rounding, not raw floats
     assert arts and "| tokens per s |" in arts[0]["data"] and " tokens/s |" in arts[0]["data"]
-    assert "TFLOP/s |" in arts[0]["data"] and "| mfu |" in arts[0]["data"]
+    assert "GFLOP/s |" in arts[0]["data"] and "| mfu |" in arts[0]["data"]
     # the flow's timeline shows its steps as task runs
     assert task_runs_of_last(prefect_server, "train") == {
         "torchrun": "COMPLETED",

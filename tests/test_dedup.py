@@ -80,8 +80,74 @@ def test_known_exact_and_near_duplicates_exact_counts():
     import hashlib
 
     shas = [hashlib.sha256(d.encode()).hexdigest() for d in docs]
-    res = deduplicate(shas, sigs, threshold=0.8, num_perm=128, seed=1)
+    res = deduplicate(shas, sigs, threshold=0.8, num_perm=128)
     assert res.n_exact == 2 and res.n_near == 3
     assert res.exact_of == {20: 0, 21: 5}
     assert res.near_of == {22: 1, 23: 2, 24: 3}
     assert sum(res.keep) == 20 and all(res.keep[:20])
+
+
+def in_memory_reference(shas, sigs, threshold, num_perm, seed):
+    """The in-memory path: datasketch's MinHashLSH, documents inserted in order, a document dropped
+    when its query returns a kept one at the threshold (the first such, by index)."""
+    from datasketch import LeanMinHash, MinHashLSH
+
+    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+    seen, kept, exact, near = {}, {}, {}, {}
+    for i, (digest, sig) in enumerate(zip(shas, sigs, strict=True)):
+        if digest in seen:
+            exact[i] = seen[digest]
+            continue
+        seen[digest] = i
+        mh = LeanMinHash(seed=seed, hashvalues=sig, scheme="affine32")
+        match = next((j for j in sorted(lsh.query(mh)) if kept[j].jaccard(mh) >= threshold), None)
+        if match is not None:
+            near[i] = match
+            continue
+        lsh.insert(i, mh)
+        kept[i] = mh
+    return exact, near
+
+
+def test_banded_lsh_on_a_task_runner_equals_in_memory_lsh(prefect_server):
+    """Families of near duplicates, chains (A~B, B~C, A!~C) and exact copies, shuffled: the band
+    steps, run as Prefect tasks on a process pool, keep and drop what datasketch's in-memory index
+    does, document for document."""
+    from prefect import flow
+
+    from tasks.config import InfraConfig
+    from tasks.runners import task_map, task_runner
+
+    rng = random.Random(11)
+    docs = [_doc(rng, 300) for _ in range(40)]
+    for base in list(docs[:15]):
+        w = base.split()
+        for k in range(rng.randint(1, 4)):  # a family: each member a few words from the base
+            v = list(w)
+            for pos in rng.sample(range(len(v)), 3 + 2 * k):
+                v[pos] = f"edit{rng.randint(0, 10**6)}"
+            docs.append(" ".join(v))
+    chain = docs[20].split()
+    for step in range(5):  # each link close to the previous one, far from the first
+        for pos in rng.sample(range(len(chain)), 12):
+            chain[pos] = f"drift{step}{pos}"
+        docs.append(" ".join(chain))
+    docs += [docs[3], docs[41]]
+    rng.shuffle(docs)
+    perms = minhash_permutations(128, 1)
+    sigs = [doc_signature(token_hashes(d), 5, perms) for d in docs]
+    import hashlib
+
+    shas = [hashlib.sha256(d.encode()).hexdigest() for d in docs]
+    exact, near = in_memory_reference(shas, sigs, 0.8, 128, 1)
+    assert len(near) > 15 and len(exact) == 2
+
+    @flow
+    def on_a_pool():
+        with task_runner(InfraConfig(), 2) as runner:
+            return deduplicate(shas, sigs, 0.8, 128, task_map(runner, print))
+
+    res = on_a_pool()
+    assert res.exact_of == exact and res.near_of == near
+    assert res.keep == [i not in exact and i not in near for i in range(len(docs))]
+    assert deduplicate(shas, sigs, 0.8, 128).near_of == near  # serially, the same
