@@ -124,7 +124,7 @@ def test_staged_shards_are_removed_on_success_and_on_failure(corpus, tmp_path):
     cfg = cfg_for(root, tmp_path, shard_docs=2)
     staged: list[str] = []
 
-    def spy(fn, jobs, label="", weights=None):
+    def spy(fn, jobs, *progress):
         staged.extend(j["stage_file"] for j in jobs if "stage_file" in j)
         return serial_map(fn, jobs)
 
@@ -132,7 +132,7 @@ def test_staged_shards_are_removed_on_success_and_on_failure(corpus, tmp_path):
     assert len(staged) > 3 and not any(os.path.exists(f) for f in staged)
     assert sorted(p.name for p in (tmp_path / "ok").iterdir()) == ["clean"]
 
-    def dies_after_two(fn, jobs, label="", weights=None):  # a worker lost mid-stage
+    def dies_after_two(fn, jobs, *progress):  # a worker lost mid-stage
         serial_map(fn, jobs[:2])
         assert all(os.path.exists(j["stage_file"]) for j in jobs[:2])
         raise RuntimeError("worker lost")
