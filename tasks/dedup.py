@@ -16,13 +16,14 @@ are inserted in order (tested), whatever the parallelism upstream.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 from datasketch import MinHash
 from datasketch.lsh import _optimal_param
 from datasketch.minhash import _fmix
+
+from tasks.runners import MapFn, serial_map
 
 _P = np.uint64(0x100000001B3)  # FNV-64 prime: odd, so the rolling hash mixes every position
 _BLOCK = 2048
@@ -138,11 +139,11 @@ def deduplicate(
     signatures: list[np.ndarray],
     threshold: float,
     num_perm: int,
-    map_fn: Callable | None = None,
+    map_fn: MapFn = serial_map,
 ) -> DedupResult:
     """Keep the first document of every exact (same sha256) or near-duplicate group, in order.
 
-    ``map_fn`` (a ``tasks.runners.MapFn``) runs the band steps; serially when it is None."""
+    ``map_fn`` runs the band steps (serially by default; the flow passes its task runner's)."""
     res = DedupResult(keep=[False] * len(sha256s))
     seen: dict[str, int] = {}
     unique = []
@@ -156,12 +157,7 @@ def deduplicate(
     sig = np.stack([signatures[i] for i in unique]) if unique else np.zeros((0, num_perm))
     b, r = lsh_bands(threshold, num_perm)
     jobs = [{"band": sig[:, k * r : (k + 1) * r], "rows": rows} for k in range(b)]
-    if map_fn is None:
-        found = [band_pairs(**job) for job in jobs]
-    else:
-        found = map_fn(
-            band_pairs, jobs, "ingest: near-dup bands", [job["band"].nbytes for job in jobs]
-        )
+    found = map_fn(band_pairs, jobs, "ingest: near-dup bands", [job["band"].nbytes for job in jobs])
     pairs = np.unique(np.concatenate([np.zeros((0, 2), np.int64), *found]), axis=0)
     # verify: the estimated Jaccard similarity (the share of equal signature values)
     at = np.searchsorted(rows, pairs)  # rows is sorted: a document's row in sig

@@ -313,14 +313,20 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def temp_sibling(path: Path) -> Path:
+    """A new empty folder beside ``path``, named so that a later run can tell it was this run's
+    (host and pid); the temporary folders of dead runs are removed first."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
+    return Path(tempfile.mkdtemp(prefix=_tmp_prefix(path.name), suffix=".tmp", dir=path.parent))
+
+
 @contextlib.contextmanager
 def scratch_dir(path: str | Path) -> Iterator[Path]:
     """A temporary sibling of ``path`` for intermediate files, removed when the block ends,
     whether it succeeded or failed; a killed run's is removed by the next run (as atomic_dir's)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(path)
-    tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(path.name), suffix=".tmp", dir=path.parent))
+    tmp = temp_sibling(path)
     try:
         with disk_guard(path):
             yield tmp
@@ -337,9 +343,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     runs are removed first.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(path)
-    tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(path.name), suffix=".tmp", dir=path.parent))
+    tmp = temp_sibling(path)
     try:
         with disk_guard(path):
             yield tmp

@@ -120,21 +120,20 @@ class Progress:
         )
 
 
+def is_number(v) -> bool:
+    """An int or float, not a bool: what a DVC or MLflow metric can hold."""
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
 def headline(stage: str, metrics: dict) -> dict:
     """The stage's headline numbers, in the order of ``HEADLINE``; a missing or non-numeric one is
     left out (DVC warns about strings and lists)."""
-    return {
-        k: metrics[k]
-        for k in HEADLINE[stage]
-        if isinstance(metrics.get(k), int | float) and not isinstance(metrics[k], bool)
-    }
+    return {k: metrics[k] for k in HEADLINE[stage] if is_number(metrics.get(k))}
 
 
 def write_metrics(path: str | Path, numbers: dict) -> None:
     """A DVC metrics file: numbers only, written atomically."""
-    bad = {
-        k: v for k, v in numbers.items() if not isinstance(v, int | float) or isinstance(v, bool)
-    }
+    bad = {k: v for k, v in numbers.items() if not is_number(v)}
     if bad:
         raise ValueError(f"a DVC metrics file holds numbers only; not numbers: {bad}")
     atomic_write_text(path, json.dumps(numbers, indent=2) + "\n")
