@@ -24,8 +24,8 @@ apply_offline_defaults()
 import torch  # noqa: E402
 
 from model.export import hf_config  # noqa: E402
+from model.metrics import device_peak  # noqa: E402
 from model.model import Llama, ModelConfig  # noqa: E402
-from model.trainer import device_peak  # noqa: E402
 
 
 def step_fn(model, optim, x, y, hf: bool, autocast):

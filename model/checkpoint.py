@@ -183,13 +183,14 @@ def verify(path: Path) -> None:
         raise CheckpointIntegrityError(error)
 
 
-def not_resumable(path: Path, meta: dict) -> str:
+def not_resumable(path: Path, meta: dict, restarted: bool = False) -> str:
     """Why the checkpoint at ``path`` is not where this run goes on ("" when it is): it ends a
-    completed run (a rerun of the stage means its code or inputs changed), or another run wrote
-    it (other model, data, processes or train params)."""
+    completed run (a rerun of the stage means its code or inputs changed; but not within one
+    launch, ``restarted``: torchrun restarting the group after the last save goes on to the
+    export), or another run wrote it (other model, data, processes or train params)."""
     saved = json.loads((path / "meta.json").read_text())
     done = (saved.get("train") or {}).get("max_steps")
-    if done is not None and saved.get("step", 0) >= done:
+    if done is not None and saved.get("step", 0) >= done and not restarted:
         return f"{path.name} ends a completed run"
     what = {
         "model": "model config",
@@ -237,3 +238,81 @@ def load(path: Path, model, optim) -> dict:
     if "cuda" in extra["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state(extra["rng"]["cuda"])
     return extra
+
+
+class Checkpointer:
+    """The checkpoint policy of a run: resume from the last complete checkpoint, save every
+    ``ckpt_every`` steps, at the last step and on a stop request, and agree on stop requests across
+    ranks.
+
+    A SIGTERM (preemption) reaches ranks at different moments; a per-rank flag would let one rank
+    enter the collective save while another starts the next step's all-reduce, and both hang.
+    So every step ends with a tiny all-reduce (MAX) of the flag on a CPU (gloo) group: every rank
+    learns at the same step that some rank was asked to stop, saves that step and exits. On a GPU
+    that group keeps the vote off the device stream, so it does not wait for the GPU."""
+
+    def __init__(self, cfg, model, optim, loader, meta: dict, log, group=None):
+        self.cfg, self.model, self.optim, self.loader, self.meta, self.log = (
+            cfg,
+            model,
+            optim,
+            loader,
+            meta,
+            log,
+        )
+        self.group = group
+        self.last_saved = 0
+        self._requested = False
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self._requested = True
+
+    def resume(self) -> int:
+        """Load the last complete checkpoint of this same run; return its step (0: fresh)."""
+        last = latest(self.cfg.ckpt_dir)
+        if last is None:
+            return 0
+        verify(last)  # before anything in it is opened
+        # The checkpoint folder persists across stage reruns (dvc.yaml), so that a preempted run
+        # resumes; a completed run, or one with other settings, is replaced instead.
+        # TORCHELASTIC_RESTART_COUNT: how often torchrun has restarted this group (max_restarts).
+        restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+        why = not_resumable(last, self.meta, restarted)
+        if why:
+            self.log(f"not resuming: {why}; starting fresh (its checkpoints are removed)")
+            discard(self.cfg.ckpt_dir)
+            return 0
+        extra = load(last, self.model, self.optim)
+        self.loader.load_state_dict(extra["data"])
+        self.last_saved = int(extra["step"])
+        self.log(
+            f"resumed from {last} at step {self.last_saved}, data position {self.loader.position}"
+        )
+        return self.last_saved
+
+    def stop_requested(self) -> bool:
+        """Whether any rank got SIGTERM; the same answer on every rank (a collective: call it
+        once per step, on every rank)."""
+        if not dist.is_initialized():
+            return self._requested
+        flag = torch.tensor([int(self._requested)], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(flag.item())
+
+    def should_save(self, step: int, stopping: bool) -> bool:
+        return step % self.cfg.ckpt_every == 0 or step == self.cfg.max_steps or stopping
+
+    def save(self, step: int) -> Path:
+        path = save(
+            self.cfg.ckpt_dir,
+            step,
+            self.model,
+            self.optim,
+            self.meta,
+            {"step": step, "data": self.loader.state_dict()},
+            self.cfg.keep_last,
+            debug_kill=self.cfg.debug_kill_in_checkpoint == step,
+        )
+        self.last_saved = step
+        return path

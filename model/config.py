@@ -15,7 +15,7 @@ class ModelConfig:
     n_kv_head: int = 2
     d_model: int = 256
     ffn_hidden: int = 0  # 0: 8/3 * d_model rounded up to a multiple of 64 (Llama's SwiGLU sizing)
-    max_seq_len: int = 256
+    max_seq_len: int = 256  # the context length; a run sets it from train.seq_len
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
@@ -35,20 +35,21 @@ class ModelConfig:
     def head_dim(self) -> int:
         return self.d_model // self.n_head
 
-    # Named presets, from the CPU demo up to ~1B parameters (vocab size comes from the tokenizer).
+    # Named presets, from the CPU demo up to ~1B parameters: shapes only (the vocabulary comes from
+    # the tokenizer, the context length from train.seq_len).
     @classmethod
     def preset(cls, name: str, **overrides) -> ModelConfig:
         presets = {
-            "tiny": dict(n_layer=4, n_head=4, n_kv_head=2, d_model=256, max_seq_len=256),
-            "small": dict(n_layer=6, n_head=6, n_kv_head=2, d_model=384, max_seq_len=512),
-            "125m": dict(n_layer=12, n_head=12, n_kv_head=4, d_model=768, max_seq_len=2048),
-            "350m": dict(n_layer=24, n_head=16, n_kv_head=4, d_model=1024, max_seq_len=2048),
+            "debug": dict(n_layer=2, n_head=4, n_kv_head=2, d_model=64),  # tests: seconds on a CPU
+            "tiny": dict(n_layer=4, n_head=4, n_kv_head=2, d_model=256),
+            "small": dict(n_layer=6, n_head=6, n_kv_head=2, d_model=384),
+            "125m": dict(n_layer=12, n_head=12, n_kv_head=4, d_model=768),
+            "350m": dict(n_layer=24, n_head=16, n_kv_head=4, d_model=1024),
             "1b": dict(
                 n_layer=16,
                 n_head=32,
                 n_kv_head=8,
                 d_model=2048,
-                max_seq_len=4096,
                 tie_embeddings=False,
             ),
         }

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import shutil
 import signal
@@ -27,7 +28,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from model import checkpoint  # noqa: E402
 from model.data import DataMismatchError  # noqa: E402
 from model.export import ExportCheckError, export  # noqa: E402
-from model.trainer import NonFiniteLossError, train  # noqa: E402
+from model.trainer import NonFiniteLossError, TrainResult, train  # noqa: E402
 from tasks.config import ConfigError, TrainConfig, parse_cli  # noqa: E402
 from tasks.storage import StorageError, atomic_write_text  # noqa: E402
 from tasks.summary import headline, write_metrics  # noqa: E402
@@ -56,7 +57,7 @@ def read_log(path: str) -> list[dict]:
     return [by_step[k] for k in sorted(by_step)]
 
 
-def write_outputs(cfg: TrainConfig, result: dict, wall: float, diff: float) -> dict:
+def write_outputs(cfg: TrainConfig, result: TrainResult, wall: float, diff: float) -> dict:
     records = read_log(cfg.log_file)
     Path(cfg.plot_file).parent.mkdir(parents=True, exist_ok=True)
     with open(cfg.plot_file, "w", newline="") as f:
@@ -68,21 +69,20 @@ def write_outputs(cfg: TrainConfig, result: dict, wall: float, diff: float) -> d
             )
     last = records[-1] if records else {}
     timed = [r for r in records if r["step"] > records[0]["step"]] if len(records) > 1 else records
+    val = result.val_loss
     metrics = {
-        "steps": result["steps"],
-        "tokens_seen": result["steps"] * cfg.global_batch_tokens,
+        "steps": result.steps,
+        "tokens_seen": result.steps * cfg.global_batch_tokens,
         "final_loss": round(last.get("loss", float("nan")), 6),
-        "val_loss": round(result["val_loss"], 6)
-        if result["val_loss"] == result["val_loss"]
-        else None,
-        "params": result["n_params"],
-        "flops_per_token": result["flops_per_token"],
+        "val_loss": round(val, 6) if math.isfinite(val) else None,
+        "params": result.n_params,
+        "flops_per_token": result.flops_per_token,
         "tokens_per_s": round(sum(r["tokens_per_s"] for r in timed) / max(len(timed), 1), 1),
         "mfu": round(sum(r["mfu"] for r in timed) / max(len(timed), 1), 4),
-        "peak_flops": result["peak"],
-        "peak_source": result["peak_source"],
-        "processes": result["dist"].world,
-        "device": str(result["dist"].device.type),
+        "peak_flops": result.peak,
+        "peak_source": result.peak_source,
+        "processes": result.world,
+        "device": result.device,
         "wall_s": round(wall, 1),
         "export_max_logit_diff": diff,
     }
@@ -115,24 +115,23 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         result = train(cfg, log)
-        if "stopped_at" in result:
+        if result.stopped:
             if rank != 0:
                 return EXIT_STOPPED
             print(
-                f"{STOPPED_PREFIX} SIGTERM at step {result['stopped_at']} of {cfg.max_steps}; "
+                f"{STOPPED_PREFIX} SIGTERM at step {result.steps} of {cfg.max_steps}; "
                 f"checkpoint written to {cfg.ckpt_dir}; rerun to resume",
                 file=sys.stderr,
                 flush=True,
             )
             return EXIT_STOPPED
-        model = result["model"]
         state = get_model_state_dict(
-            model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+            result.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
         )
         if rank == 0:
             diff = export(
                 state,
-                result["model_config"],
+                result.model_config,
                 cfg.tokenizer_dir,
                 cfg.export_dir,
                 cfg.export_check_tol,

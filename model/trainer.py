@@ -1,5 +1,11 @@
-"""The training loop. Side concerns live in helpers: the data loader (data.py), checkpoints
-(checkpoint.py), metrics and MFU (here, small), export (export.py); the loop itself stays short."""
+"""The training loop, torchtitan-shaped: ``Trainer.fit`` reads as the recipe (train a step, maybe
+validate, maybe log, maybe checkpoint, stop when asked) and delegates the side concerns to the
+objects that own them: the checkpointer (resume, save policy, the collective stop;
+checkpoint.py), the validator (below), the metrics logger (JSONL, MFU, ETA; metrics.py) and the
+data loader (data.py). Parallelism is applied in parallelize.py; the model knows nothing of it.
+
+Host syncs happen only at log, validation and checkpoint steps: the loss, the gradient norm and
+the "first non-finite step" stay on the device in between, so a GPU never waits for the host."""
 
 from __future__ import annotations
 
@@ -7,31 +13,20 @@ import contextlib
 import json
 import math
 import os
-import signal
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
-from model import checkpoint
+from model.checkpoint import Checkpointer
+from model.config import ModelConfig
 from model.data import TokenLoader
+from model.metrics import MetricsLogger, all_mean, device_peak
 from model.model import Llama
 from model.parallelize import parallelize
 from tasks.config import TrainConfig
-from tasks.summary import eta_text
-
-# Dense bf16 peak FLOP/s of known accelerators (vendor datasheets, no sparsity).
-GPU_PEAK_BF16 = {
-    "H200": 989e12,
-    "H100": 989e12,
-    "A100": 312e12,
-    "L40S": 362e12,
-    "L4": 121e12,
-    "A10": 125e12,
-    "4090": 165e12,
-}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -53,59 +48,31 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return lo + 0.5 * (cfg.lr - lo) * (1 + math.cos(math.pi * min(frac, 1.0)))
 
 
-def _cpu_ghz() -> tuple[float, str]:
-    """The CPU's highest clock: cpufreq's maximum, else the clock /proc/cpuinfo reports."""
-    try:
-        return int(
-            Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq").read_text()
-        ) / 1e6, "cpufreq max"
-    except (OSError, ValueError):
-        pass
-    try:
-        mhz = [
-            float(line.split(":")[1])
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("cpu MHz")
-        ]
-        if mhz:
-            return max(mhz) / 1e3, "/proc/cpuinfo"
-    except (OSError, ValueError):
-        pass
-    return 3.0, "assumed 3 GHz"
+def param_groups(model: nn.Module, weight_decay: float, which: str) -> list[dict]:
+    """AdamW groups: weight decay on matrices only (linear weights and the embedding), none on
+    the RMSNorm gains, as nanoGPT, torchtitan and OLMo-core do; ``which="all"`` decays all."""
+    decay, no_decay = [], []
+    for p in model.parameters():  # shared (tied) tensors appear once
+        if p.requires_grad:
+            (decay if which == "all" or p.ndim >= 2 else no_decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
 
 
-def cpu_peak(threads: int | None = None) -> tuple[float, str]:
-    """Theoretical fp32 peak of the cores torch uses: cores x clock x FLOPs per cycle, with two FMA
-    units per core (2 FLOPs each per vector lane). A stable roof that measured throughput cannot
-    pass, unlike a matmul timed once at start-up on a shared machine."""
-    cores = min(threads or torch.get_num_threads(), os.cpu_count() or 1)
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        flags = set()
-    lanes, isa = (
-        (16, "AVX-512")
-        if "avx512f" in flags
-        else (8, "AVX2+FMA")
-        if {"avx2", "fma"} <= flags
-        else (4, "128-bit SIMD")
-    )
-    ghz, clock = _cpu_ghz()
-    peak = cores * ghz * 1e9 * 2 * 2 * lanes
-    return (
-        peak,
-        f"fp32 theoretical: {cores} cores x {ghz:.2f} GHz ({clock}) x {2 * 2 * lanes} FLOP/cycle ({isa})",
-    )
-
-
-def device_peak(device: torch.device) -> tuple[float, str]:
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, peak in GPU_PEAK_BF16.items():
-            if key in name:
-                return peak, f"{name} bf16 datasheet"
-        return float("nan"), f"{name} (unknown peak)"
-    return cpu_peak()
+@contextlib.contextmanager
+def gradient_sync(model: nn.Module, enabled: bool):
+    """Accumulate without communication on non-final micro-steps: FSDP2 skips its
+    reduce-scatter (``set_requires_gradient_sync``), DDP its all-reduce (``no_sync``)."""
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2's fully_shard
+        model.set_requires_gradient_sync(enabled)
+        yield
+    elif hasattr(model, "no_sync") and not enabled:  # DDP
+        with model.no_sync():
+            yield
+    else:
+        yield
 
 
 @dataclass
@@ -114,6 +81,7 @@ class Dist:
     world: int = 1
     local_rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    control: object = None  # a gloo group for host-side votes (None: the default group)
 
 
 def init_distributed(cfg: TrainConfig) -> Dist:
@@ -124,215 +92,208 @@ def init_distributed(cfg: TrainConfig) -> Dist:
     if use_cuda:
         torch.cuda.set_device(d.device)
     if "MASTER_ADDR" in os.environ and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        # torchrun's store (env://) outlives a worker-group restart (--max-restarts), and so do
+        # the addresses the previous group's ranks published in it: a restarted rank could read
+        # its peer's stale address and fail to connect ("Gloo connectFullMesh failed ...
+        # Connection refused"). Each attempt gets its own key prefix.
+        store, rank, size = next(dist.rendezvous("env://"))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group(
+            backend="nccl" if use_cuda else "gloo",
+            store=dist.PrefixStore(f"llmforge/attempt-{attempt}", store),
+            rank=rank,
+            world_size=size,
+        )
+        if use_cuda:  # stop votes on CPU tensors, off the GPU stream
+            d.control = dist.new_group(backend="gloo")
     return d
 
 
-class StopRequested:
-    """SIGTERM sets a flag; the loop saves a checkpoint after the current step and the run ends
-    with ``EXIT_STOPPED`` (never as a success)."""
+class Validator:
+    """Validation loss on the same held-out batches every time, at ``eval_every`` and the end."""
 
-    def __init__(self) -> None:
-        self.requested = False
-        signal.signal(signal.SIGTERM, self._handler)
+    def __init__(self, cfg: TrainConfig, loader: TokenLoader | None, device, autocast):
+        self.cfg, self.loader, self.device, self.autocast = cfg, loader, device, autocast
 
-    def _handler(self, signum, frame) -> None:
-        self.requested = True
-
-
-def all_mean(x: torch.Tensor) -> float | list[float]:
-    """The mean over ranks of a scalar (a float) or a vector (a list), in one all-reduce."""
-    if dist.is_initialized():
-        x = x.clone()
-        dist.all_reduce(x, op=dist.ReduceOp.AVG if x.is_cuda else dist.ReduceOp.SUM)
-        if not x.is_cuda:
-            x /= dist.get_world_size()
-    return float(x) if x.dim() == 0 else x.tolist()
-
-
-@torch.no_grad()
-def evaluate(model, loader: TokenLoader, n_batches: int, device, autocast) -> float:
-    model.eval()
-    loader.position = 0  # the same val batches every time
-    losses = []
-    for _ in range(n_batches):
-        x, y = (t.to(device) for t in loader.next())
-        with autocast:
-            _, loss = model(x, y)
-        losses.append(loss.float())
-    model.train()
-    return all_mean(torch.stack(losses).mean())
-
-
-def train(cfg: TrainConfig, log=print) -> dict:
-    d = init_distributed(cfg)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    dtype = (
-        torch.bfloat16
-        if (cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and d.device.type == "cuda"))
-        else torch.float32
-    )
-    autocast = torch.autocast(d.device.type, dtype=dtype, enabled=dtype != torch.float32)
-
-    index = (
-        json.loads((Path(cfg.tokens_dir) / "index.json").read_text())
-        if (Path(cfg.tokens_dir) / "index.json").exists()
-        else None
-    )
-    if index is None:
-        raise FileNotFoundError(
-            f"{cfg.tokens_dir}/index.json not found: run the tokenize stage first (python -m flows.tokenize)"
+    def should_validate(self, step: int) -> bool:
+        return self.loader is not None and (
+            step % self.cfg.eval_every == 0 or step == self.cfg.max_steps
         )
-    mcfg = cfg.model_shape(index["vocab_size"])
-    per_step = cfg.micro_batch * cfg.seq_len * d.world
-    if cfg.global_batch_tokens % per_step:
-        raise ValueError(
-            f"train.global_batch_tokens {cfg.global_batch_tokens} is not a multiple of micro_batch*seq_len*processes = {per_step}"
-        )
-    accum = cfg.global_batch_tokens // per_step
 
-    model = Llama(mcfg).to(d.device)
-    n_params, flops_tok = model.num_params(), model.flops_per_token(cfg.seq_len)
-    model = parallelize(model, cfg.parallel, d.device, cfg.activation_checkpointing, cfg.compile)
-    optim = torch.optim.AdamW(
-        model.parameters(),
-        lr=cfg.lr,
-        betas=(cfg.beta1, cfg.beta2),
-        weight_decay=cfg.weight_decay,
-        fused=d.device.type == "cuda",
-    )
-    train_data = TokenLoader(
-        cfg.tokens_dir, "train", cfg.micro_batch, cfg.seq_len, d.rank, d.world, cfg.seed
-    )
-    val_data = (
-        TokenLoader(cfg.tokens_dir, "val", cfg.micro_batch, cfg.seq_len, d.rank, d.world, cfg.seed)
-        if index["splits"]["val"]["tokens"] > cfg.seq_len
-        else None
-    )
-    meta = {
-        "model": mcfg.to_dict(),
-        "data_fingerprint": train_data.fingerprint,
-        "world_size": d.world,
-        "train": cfg.trajectory(),
-    }
-
-    step = 0
-    last = checkpoint.latest(cfg.ckpt_dir)
-    if last is not None:
-        checkpoint.verify(last)  # before anything in it is opened
-        # The checkpoint folder persists across stage reruns (dvc.yaml), so that a preempted run
-        # resumes; a completed run, or one with other settings, is replaced instead.
-        why = checkpoint.not_resumable(last, meta)
-        if why:
-            log(f"not resuming: {why}; starting fresh (its checkpoints are removed)")
-            checkpoint.discard(cfg.ckpt_dir)
-            last = None
-    if last is not None:
-        extra = checkpoint.load(last, model, optim)
-        train_data.load_state_dict(extra["data"])
-        step = int(extra["step"])
-        log(f"resumed from {last} at step {step}, data position {train_data.position}")
-    stop = StopRequested()
-    peak, peak_src = device_peak(d.device)
-    log(
-        f"model: {n_params / 1e6:.2f}M params, {flops_tok / 1e6:.1f} MFLOP/token; {d.world} process(es) on {d.device}, "
-        f"{dtype}, {cfg.parallel}; grad accumulation {accum}; peak {peak / 1e9:.0f} GFLOP/s ({peak_src})"
-    )
-
-    log_path = Path(cfg.log_file)
-    if d.rank == 0:
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        if step == 0:
-            log_path.write_text("")
-    model.train()
-    t_last, tokens_since, val_loss, history = time.perf_counter(), 0, float("nan"), []
-    while step < cfg.max_steps:
-        step += 1
-        lr = lr_at(step, cfg)
-        for group in optim.param_groups:
-            group["lr"] = lr
-        loss_sum = torch.zeros((), device=d.device)
-        for micro in range(accum):
-            x, y = (t.to(d.device) for t in train_data.next())
-            sync = micro == accum - 1 or not hasattr(model, "no_sync")
-            ctx = model.no_sync() if not sync else contextlib.nullcontext()
-            with ctx, autocast:
+    @torch.no_grad()
+    def validate(self, model: nn.Module) -> float:
+        model.eval()
+        self.loader.position = 0
+        losses = []
+        for _ in range(self.cfg.eval_batches):
+            x, y = (t.to(self.device) for t in self.loader.next())
+            with self.autocast:
                 _, loss = model(x, y)
-                if cfg.debug_nan_at_step == step:
-                    loss = loss * float("nan")
-            (loss / accum).backward()
-            loss_sum += loss.detach().float()
-        # The stop request rides on the loss all-reduce: every rank learns at the same step that
-        # some rank got SIGTERM, so all of them write the same checkpoint and exit together
-        # (a per-rank flag let one rank enter the collective save while another started a step).
-        requested = torch.tensor(float(stop.requested), device=d.device)
-        loss_val, stop_votes = all_mean(torch.stack([loss_sum / accum, requested]))
-        stopping = stop_votes > 0
-        if not math.isfinite(loss_val):
-            raise NonFiniteLossError(
-                f"loss is {loss_val} at step {step}; stopped without a checkpoint past step {step - 1}. "
-                "Lower train.lr, raise train.warmup_steps, or check the data"
-            )
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
-        optim.step()
-        optim.zero_grad(set_to_none=True)
-        tokens_since += cfg.global_batch_tokens
+            losses.append(loss.float())
+        model.train()
+        return all_mean(torch.stack(losses).mean())
 
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
-            dt = time.perf_counter() - t_last
-            tps = tokens_since / dt
-            mfu = tps * flops_tok / (peak * d.world)
-            rec = {
-                "step": step,
-                "loss": loss_val,
-                "lr": lr,
-                "grad_norm": grad_norm,
-                "tokens_per_s": tps,
-                "mfu": mfu,
-                "tokens_seen": step * cfg.global_batch_tokens,
-                "data_position": train_data.position,
-            }
-            if val_data is not None and (step % cfg.eval_every == 0 or step == cfg.max_steps):
-                val_loss = evaluate(model, val_data, cfg.eval_batches, d.device, autocast)
-                rec["val_loss"] = val_loss
-            history.append(rec)
-            if d.rank == 0:
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
-                steps_timed = tokens_since / cfg.global_batch_tokens
-                eta = (cfg.max_steps - step) * dt / steps_timed
-                log(
-                    f"step {step}/{cfg.max_steps} loss {loss_val:.4f} lr {lr:.2e} gnorm {grad_norm:.2f} "
-                    f"{tps:,.0f} tok/s MFU {100 * mfu:.1f}%"
-                    + (f" val {val_loss:.4f}" if "val_loss" in rec else "")
-                    + f" ETA {eta_text(eta)}"
-                )
-            t_last, tokens_since = time.perf_counter(), 0
-        if step % cfg.ckpt_every == 0 or step == cfg.max_steps or stopping:
-            checkpoint.save(
-                cfg.ckpt_dir,
-                step,
-                model,
-                optim,
-                meta,
-                {"step": step, "data": train_data.state_dict()},
-                cfg.keep_last,
-                debug_kill=cfg.debug_kill_in_checkpoint == step,
+
+@dataclass
+class TrainResult:
+    """What ``train()`` hands back: the model (for the export) and the run's figures."""
+
+    steps: int
+    stopped: bool  # by SIGTERM, after a checkpoint of step ``steps``
+    model: nn.Module
+    model_config: ModelConfig
+    n_params: int
+    flops_per_token: float
+    peak: float
+    peak_source: str
+    world: int
+    device: str
+    val_loss: float = float("nan")
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, log=print):
+        self.cfg, self.log = cfg, log
+        self.d = d = init_distributed(cfg)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        torch.manual_seed(cfg.seed)
+        bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and d.device.type == "cuda")
+        self.dtype = torch.bfloat16 if bf16 else torch.float32
+        self.autocast = torch.autocast(d.device.type, dtype=self.dtype, enabled=bf16)
+
+        index_path = Path(cfg.tokens_dir) / "index.json"
+        if not index_path.exists():
+            raise FileNotFoundError(
+                f"{index_path} not found: run the tokenize stage first (python -m flows.tokenize)"
             )
+        index = json.loads(index_path.read_text())
+        self.mcfg = cfg.model_shape(index["vocab_size"])
+        per_step = cfg.micro_batch * cfg.seq_len * d.world
+        if cfg.global_batch_tokens % per_step:
+            raise ValueError(
+                f"train.global_batch_tokens {cfg.global_batch_tokens} is not a multiple of "
+                f"micro_batch*seq_len*processes = {per_step}"
+            )
+        self.accum = cfg.global_batch_tokens // per_step
+
+        model = Llama(self.mcfg).to(d.device)
+        self.n_params, self.flops = model.num_params(), model.flops_per_token(cfg.seq_len)
+        self.model = parallelize(
+            model, cfg.parallel, d.device, cfg.activation_checkpointing, cfg.compile
+        )
+        self.optim = torch.optim.AdamW(
+            param_groups(self.model, cfg.weight_decay, cfg.weight_decay_params),
+            lr=cfg.lr,
+            betas=(cfg.beta1, cfg.beta2),
+            fused=d.device.type == "cuda",
+        )
+        loader = lambda split: TokenLoader(  # noqa: E731
+            cfg.tokens_dir, split, cfg.micro_batch, cfg.seq_len, d.rank, d.world, cfg.seed
+        )
+        self.data = loader("train")
+        has_val = index["splits"]["val"]["tokens"] > cfg.seq_len
+        self.validator = Validator(cfg, loader("val") if has_val else None, d.device, self.autocast)
+        meta = {
+            "model": self.mcfg.to_dict(),
+            "data_fingerprint": self.data.fingerprint,
+            "world_size": d.world,
+            "train": cfg.trajectory(),
+        }
+        self.checkpointer = Checkpointer(
+            cfg, self.model, self.optim, self.data, meta, log, d.control
+        )
+        self.peak, self.peak_source = device_peak(d.device)
+        self.metrics = MetricsLogger(cfg, self.flops, self.peak, d.world, d.rank, log)
+        # The first step whose gradient norm was not finite (0: none yet), kept on the device.
+        # The norm is taken after the gradient all-reduce, so every rank sees the same value.
+        self.first_bad = torch.zeros((), device=d.device)
+
+    def _batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.data.next()
+        if self.d.device.type == "cuda":  # pinned + non_blocking: no wait for the GPU
+            return x.pin_memory().to(self.d.device, non_blocking=True), y.pin_memory().to(
+                self.d.device, non_blocking=True
+            )
+        return x, y
+
+    def train_step(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step over ``accum`` micro-batches; loss and grad norm stay on the device."""
+        loss_sum = torch.zeros((), device=self.d.device)
+        for micro in range(self.accum):
+            x, y = self._batch()
+            with gradient_sync(self.model, micro == self.accum - 1), self.autocast:
+                _, loss = self.model(x, y)
+                if self.cfg.debug_nan_at_step == step:
+                    loss = loss * float("nan")
+            (loss / self.accum).backward()
+            loss_sum += loss.detach().float()
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
+        self.optim.step()
+        self.optim.zero_grad(set_to_none=True)
+        self.first_bad = torch.where(
+            (self.first_bad == 0) & ~torch.isfinite(norm), float(step), self.first_bad
+        )
+        return loss_sum / self.accum, norm
+
+    def check_finite(self) -> None:
+        """Raise if any step so far had a non-finite loss (a host sync: at log and save steps)."""
+        bad = int(self.first_bad)
+        if bad:
+            last = self.checkpointer.last_saved
+            raise NonFiniteLossError(
+                f"loss is not finite at step {bad}; stopped without a checkpoint past step "
+                f"{last}"
+                + (" (none was written)" if not last else "")
+                + ". Lower train.lr, raise train.warmup_steps, or check the data"
+            )
+
+    def fit(self) -> TrainResult:
+        cfg, step, val_loss = self.cfg, self.checkpointer.resume(), float("nan")
+        stopping = False
+        self.log(
+            f"model: {self.n_params / 1e6:.2f}M params, {self.flops / 1e6:.1f} MFLOP/token; "
+            f"{self.d.world} process(es) on {self.d.device}, {self.dtype}, {cfg.parallel}; grad "
+            f"accumulation {self.accum}; peak {self.peak / 1e9:.0f} GFLOP/s ({self.peak_source})"
+        )
+        self.metrics.start(step)
+        self.model.train()
+        while step < cfg.max_steps:
+            step += 1
+            lr = lr_at(step, cfg)
+            for group in self.optim.param_groups:
+                group["lr"] = lr
+            loss, grad_norm = self.train_step(step)
+            self.metrics.step_done()
+            stopping = self.checkpointer.stop_requested()
+            validate = self.validator.should_validate(step)
+            if validate or self.metrics.should_log(step):
+                self.check_finite()
+                values = {"loss": all_mean(loss), "lr": lr, "grad_norm": float(grad_norm)}
+                if validate:
+                    val_loss = values["val_loss"] = self.validator.validate(self.model)
+                self.metrics.record(step, {**values, "data_position": self.data.position})
+            if self.checkpointer.should_save(step, stopping):
+                self.check_finite()
+                self.checkpointer.save(step)
             if stopping:
-                log(f"SIGTERM: checkpoint written at step {step}; exiting")
-                return {"stopped_at": step}
-    return {
-        "model": model,
-        "model_config": mcfg,
-        "n_params": n_params,
-        "flops_per_token": flops_tok,
-        "peak": peak,
-        "peak_source": peak_src,
-        "dist": d,
-        "val_loss": val_loss,
-        "history": history,
-        "steps": step,
-    }
+                self.log(f"SIGTERM: checkpoint written at step {step}; exiting")
+                break
+        return TrainResult(
+            steps=step,
+            stopped=stopping,
+            model=self.model,
+            model_config=self.mcfg,
+            n_params=self.n_params,
+            flops_per_token=self.flops,
+            peak=self.peak,
+            peak_source=self.peak_source,
+            world=self.d.world,
+            device=self.d.device.type,
+            val_loss=val_loss,
+        )
+
+
+def train(cfg: TrainConfig, log=print) -> TrainResult:
+    return Trainer(cfg, log).fit()

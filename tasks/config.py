@@ -157,7 +157,6 @@ class TokenizeConfig(Section):
     mixture: dict[str, MixtureWeight] = Field(default_factory=dict)
     fast_encoder: bool = True  # tiktoken built from our merges, when it matches exactly
     check_docs: int = Field(default=128, ge=1)  # documents compared fast vs reference every run
-    model_max_length: int = Field(default=2048, ge=16)
 
     @property
     def special_tokens(self) -> list[str]:
@@ -203,8 +202,8 @@ class TrainConfig(Section):
     metrics_file: str = "metrics/train.json"  # headline numbers for `dvc metrics show`
     summary_file: str = "models/train_summary.json"  # every figure of the run, device included
     plot_file: str = "plots/train_loss.csv"
-    # Model: a named preset (tiny, small, 125m, 350m, 1b); the fields below override it when set.
-    preset: Literal["tiny", "small", "125m", "350m", "1b"] = "tiny"
+    # Model: a named preset (debug, tiny, small, 125m, 350m, 1b); the fields below override it.
+    preset: Literal["debug", "tiny", "small", "125m", "350m", "1b"] = "tiny"
     n_layer: int | None = Field(default=None, ge=1)
     n_head: int | None = Field(default=None, ge=1)
     n_kv_head: int | None = Field(default=None, ge=1)
@@ -222,6 +221,8 @@ class TrainConfig(Section):
     schedule: Literal["cosine", "wsd"] = "cosine"
     decay_frac: float = Field(default=0.2, gt=0, le=1)  # wsd: share of steps in the final decay
     weight_decay: float = Field(default=0.1, ge=0)
+    # matrices: decay linear and embedding weights, not the norm gains (nanoGPT, OLMo-core); all
+    weight_decay_params: Literal["matrices", "all"] = "matrices"
     beta1: float = Field(default=0.9, gt=0, lt=1)
     beta2: float = Field(default=0.95, gt=0, lt=1)
     grad_clip: float = Field(default=1.0, gt=0)

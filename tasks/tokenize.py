@@ -131,7 +131,6 @@ def save_tokenizer(tok, cfg: TokenizeConfig, out_dir: str | Path) -> None:
         **specials,
         "unk_token": None,
         "additional_special_tokens": list(cfg.extra_special_tokens),
-        "model_max_length": cfg.model_max_length,
         "add_bos_token": False,
         "add_eos_token": False,
         "clean_up_tokenization_spaces": False,

@@ -3,8 +3,10 @@ run's step metrics, loss curve and summary to MLflow."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -76,7 +78,7 @@ def run_torchrun(cmd: list[str], log: Callable[[str], None], cwd: str | None = N
         if threading.current_thread() is threading.main_thread()  # signals reach only that one
         else {}
     )
-    errors: list[str] = []
+    tail: collections.deque[str] = collections.deque(maxlen=500)
     stopped = ""
     assert proc.stdout is not None
     try:
@@ -91,8 +93,7 @@ def run_torchrun(cmd: list[str], log: Callable[[str], None], cwd: str | None = N
                 continue
             if line.startswith(STOPPED_PREFIX):
                 stopped = line
-            elif line.startswith("error:") or "Error" in line:
-                errors.append(line)
+            tail.append(line)
             log(line)
         code = proc.wait()
     finally:
@@ -107,10 +108,56 @@ def run_torchrun(cmd: list[str], log: Callable[[str], None], cwd: str | None = N
             "no export or metrics were written. Rerun the stage to resume from the last checkpoint"
         )
     if code != 0:
-        msg = next(
-            (e for e in reversed(errors) if e.startswith("error:")), errors[-1] if errors else ""
+        restarts = next((int(a.split("=")[1]) for a in cmd if a.startswith("--max-restarts=")), 0)
+        raise TrainError(f"training failed (exit {code}): {failure_reason(list(tail), restarts)}")
+
+
+_GROUP_FAILED = re.compile(r"failed \(exitcode: (-?\d+)\) local_rank: (\d+)")
+_ROOT_EXIT = re.compile(r"exitcode\s*: (-?\d+) \(pid: \d+\)\s*(?:\((SIG\w+)\))?")
+
+
+def failure_reason(lines: list[str], max_restarts: int) -> str:
+    """Why a torchrun launch failed, from its output: our own ``error:`` line when a worker
+    wrote one (bad params, a tampered checkpoint, ...), else the root cause of torchrun's failure
+    table (the rank, its signal or exit code, the last exception a rank printed), and how many
+    restarts of ``train.max_restarts`` were spent."""
+    ours = [line for line in lines if line.startswith("error:")]
+    if ours:
+        return ours[-1].removeprefix("error: ")
+    root = next((i for i, line in enumerate(lines) if line.startswith("Root Cause")), None)
+    cause = ""
+    if root is not None:
+        block = lines[root : root + 8]
+        rank = next(
+            (b.split(":")[1].split("(")[0].strip() for b in block if "rank " in b and ":" in b), "?"
         )
-        raise TrainError(f"training failed (exit {code}): {msg.removeprefix('error: ')}")
+        code = next((_ROOT_EXIT.search(b) for b in block if _ROOT_EXIT.search(b)), None)
+        if code and code.group(2):
+            cause = f"rank {rank} was killed by {code.group(2)}"
+        elif code:
+            cause = f"rank {rank} exited with status {code.group(1)}"
+    exception = next(
+        (
+            line.split("]: ", 1)[-1]
+            for line in reversed(lines)
+            if re.match(r"(\[rank\d+\]: )?\w*(Error|Exception)\b: ", line)
+            and "ChildFailedError" not in line
+        ),
+        "",
+    )
+    if exception and "killed by" not in cause:
+        cause = f"{cause}: {exception}" if cause else exception
+    cause = cause or "see the log above"
+    failures = sum(bool(_GROUP_FAILED.search(line)) for line in lines)
+    if max_restarts:
+        spent = max(failures - 1, 0)
+        cause += (
+            f"; the worker group failed after {spent} restart(s) of train.max_restarts="
+            f"{max_restarts}" + (" (the restart budget is spent)" if spent >= max_restarts else "")
+        )
+    return (
+        cause + ". Checkpoints written so far are kept: rerun the stage to resume from the last one"
+    )
 
 
 def check_inputs(cfg: TrainConfig) -> None:

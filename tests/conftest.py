@@ -355,3 +355,36 @@ def run_flow(
         timeout=timeout,
         env=env,
     )
+
+
+def synthetic_tokens(root: Path, vocab: int = 64, train: int = 20_000, val: int = 2_000) -> Path:
+    """Packed token shards and an index.json in the tokenize stage's format, without a tokenizer:
+    a fixed, learnable stream (each token is mostly the previous one plus 1, mod ``vocab``), so a
+    trainer's per-step losses are a property of the trainer alone."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True, exist_ok=True)
+    splits = {}
+    for split, n in (("train", train), ("val", val)):
+        jumps = rng.integers(0, vocab, n)
+        keep = rng.random(n) < 0.8
+        stream = np.empty(n, dtype=np.uint16)
+        stream[0] = 0
+        for i in range(1, n):
+            stream[i] = (stream[i - 1] + 1) % vocab if keep[i] else jumps[i]
+        halves = [stream[: n // 2], stream[n // 2 :]]  # two shards: windows cross a boundary
+        shards = []
+        for i, part in enumerate(halves):
+            path = f"{split}-{i:05d}.bin"
+            part.tofile(root / path)
+            shards.append({"path": path, "tokens": int(len(part))})
+        splits[split] = {"shards": shards, "tokens": n, "docs": 1}
+    index = {
+        "dtype": "uint16",
+        "vocab_size": vocab,
+        "tokenizer_sha256": "synthetic",
+        "splits": splits,
+    }
+    (root / "index.json").write_text(json.dumps(index))
+    return root

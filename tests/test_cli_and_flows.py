@@ -55,10 +55,7 @@ def write_params(dst: Path, corpus: str) -> None:
     # A few held-out documents, so the eval gate can measure.
     params["tokenize"]["val_fraction"] = 0.3
     params["train"].update(
-        n_layer=2,
-        n_head=4,
-        n_kv_head=2,
-        d_model=64,
+        preset="debug",
         seq_len=32,
         micro_batch=4,
         global_batch_tokens=256,

@@ -226,7 +226,7 @@ def test_mfu_never_above_one(figure):
     """The CPU roof is the theoretical peak, which a timed matmul on this machine never passes."""
     import torch
 
-    from model.trainer import cpu_peak
+    from model.metrics import cpu_peak
 
     n = 1024
     a, b = torch.randn(n, n), torch.randn(n, n)

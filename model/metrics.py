@@ -1,0 +1,148 @@
+"""What a training run reports: the device's peak FLOP/s (for MFU), means over ranks, and the
+metrics logger that writes the step log (JSONL) and the progress line with rate, MFU and ETA.
+The flow sends the step log to MLflow (tasks/train.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from tasks.summary import eta_text
+
+# Dense bf16 peak FLOP/s of known accelerators (vendor datasheets, no sparsity).
+GPU_PEAK_BF16 = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+    "A10": 125e12,
+    "4090": 165e12,
+}
+
+
+def _cpu_ghz() -> tuple[float, str]:
+    """The CPU's highest clock: cpufreq's maximum, else the clock /proc/cpuinfo reports."""
+    try:
+        return int(
+            Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq").read_text()
+        ) / 1e6, "cpufreq max"
+    except (OSError, ValueError):
+        pass
+    try:
+        mhz = [
+            float(line.split(":")[1])
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("cpu MHz")
+        ]
+        if mhz:
+            return max(mhz) / 1e3, "/proc/cpuinfo"
+    except (OSError, ValueError):
+        pass
+    return 3.0, "assumed 3 GHz"
+
+
+def cpu_peak(threads: int | None = None) -> tuple[float, str]:
+    """Theoretical fp32 peak of the cores torch uses: cores x clock x FLOPs per cycle, with two FMA
+    units per core (2 FLOPs each per vector lane). A stable roof that measured throughput cannot
+    pass, unlike a matmul timed once at start-up on a shared machine."""
+    cores = min(threads or torch.get_num_threads(), os.cpu_count() or 1)
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        flags = set()
+    lanes, isa = (
+        (16, "AVX-512")
+        if "avx512f" in flags
+        else (8, "AVX2+FMA")
+        if {"avx2", "fma"} <= flags
+        else (4, "128-bit SIMD")
+    )
+    ghz, clock = _cpu_ghz()
+    peak = cores * ghz * 1e9 * 2 * 2 * lanes
+    return (
+        peak,
+        f"fp32 theoretical: {cores} cores x {ghz:.2f} GHz ({clock}) x {2 * 2 * lanes} FLOP/cycle ({isa})",
+    )
+
+
+def device_peak(device: torch.device) -> tuple[float, str]:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, peak in GPU_PEAK_BF16.items():
+            if key in name:
+                return peak, f"{name} bf16 datasheet"
+        return float("nan"), f"{name} (unknown peak)"
+    return cpu_peak()
+
+
+def all_mean(x: torch.Tensor) -> float | list[float]:
+    """The mean over ranks of a scalar (a float) or a vector (a list), in one all-reduce. Reading
+    the result is a host sync: call it at log steps only."""
+    if dist.is_initialized():
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.AVG if x.is_cuda else dist.ReduceOp.SUM)
+        if not x.is_cuda:
+            x /= dist.get_world_size()
+    return float(x) if x.dim() == 0 else x.tolist()
+
+
+class MetricsLogger:
+    """The step log (one JSONL record per log step, rank 0) and the progress line. Rates cover
+    the steps since the previous log step, so a resume or a validation pass does not skew them."""
+
+    def __init__(self, cfg, flops_per_token: float, peak: float, world: int, rank: int, log):
+        self.cfg, self.flops, self.peak, self.world, self.rank, self.log = (
+            cfg,
+            flops_per_token,
+            peak,
+            world,
+            rank,
+            log,
+        )
+        self.path = Path(cfg.log_file)
+        self.t_last, self.steps_since = time.perf_counter(), 0
+
+    def start(self, step: int) -> None:
+        """A fresh run (step 0) starts an empty log; a resumed one appends (last record per step
+        wins when it is read)."""
+        if self.rank == 0:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if step == 0:
+                self.path.write_text("")
+        self.t_last, self.steps_since = time.perf_counter(), 0
+
+    def should_log(self, step: int) -> bool:
+        return step % self.cfg.log_every == 0 or step == self.cfg.max_steps
+
+    def step_done(self) -> None:
+        self.steps_since += 1
+
+    def record(self, step: int, values: dict) -> dict:
+        """Write one record: ``values`` (loss, lr, ...) plus the rates since the last record."""
+        dt = time.perf_counter() - self.t_last
+        tps = self.steps_since * self.cfg.global_batch_tokens / dt
+        rec = {
+            "step": step,
+            **values,
+            "tokens_per_s": tps,
+            "mfu": tps * self.flops / (self.peak * self.world),
+            "tokens_seen": step * self.cfg.global_batch_tokens,
+        }
+        if self.rank == 0:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            eta = (self.cfg.max_steps - step) * dt / max(self.steps_since, 1)
+            self.log(
+                f"step {step}/{self.cfg.max_steps} loss {rec['loss']:.4f} lr {rec['lr']:.2e} "
+                f"gnorm {rec['grad_norm']:.2f} {tps:,.0f} tok/s MFU {100 * rec['mfu']:.1f}%"
+                + (f" val {rec['val_loss']:.4f}" if "val_loss" in rec else "")
+                + f" ETA {eta_text(eta)}"
+            )
+        self.t_last, self.steps_since = time.perf_counter(), 0
+        return rec
