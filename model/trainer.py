@@ -179,8 +179,9 @@ class Trainer:
 
         model = Llama(self.mcfg).to(d.device)
         self.n_params, self.flops = model.num_params(), model.flops_per_token(cfg.seq_len)
+        self.compiled = cfg.compile is True or (cfg.compile == "auto" and d.device.type == "cuda")
         self.model = parallelize(
-            model, cfg.parallel, d.device, cfg.activation_checkpointing, cfg.compile
+            model, cfg.parallel, d.device, cfg.activation_checkpointing, self.compiled
         )
         self.optim = torch.optim.AdamW(
             param_groups(self.model, cfg.weight_decay, cfg.weight_decay_params),
@@ -254,7 +255,8 @@ class Trainer:
         stopping = False
         self.log(
             f"model: {self.n_params / 1e6:.2f}M params, {self.flops / 1e6:.1f} MFLOP/token; "
-            f"{self.d.world} process(es) on {self.d.device}, {self.dtype}, {cfg.parallel}; grad "
+            f"{self.d.world} process(es) on {self.d.device}, {self.dtype}, {cfg.parallel}"
+            f"{', compiled' if self.compiled else ''}; grad "
             f"accumulation {self.accum}; peak {self.peak / 1e9:.0f} GFLOP/s ({self.peak_source})"
         )
         self.metrics.start(step)
