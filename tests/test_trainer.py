@@ -141,3 +141,43 @@ def test_loader_resumes_exactly_and_ranks_split_one_stream(tokens):
     other = TokenLoader(str(tokens), "train", batch=3, seq_len=16, seed=8)
     with pytest.raises(DataMismatchError, match="different data"):
         other.load_state_dict(a.state_dict())
+
+
+def test_gpu_check_script_runs_its_path_on_a_cpu(tmp_path, tokens):
+    """bench/gpu_check.sh is meant for a GPU machine; on a CPU, with the debug preset, it runs the
+    same path (torchrun, the real trainer with DDP and FSDP2, the report) so it cannot rot."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    results = tmp_path / "results.jsonl"
+    env = {
+        **os.environ,
+        "PYTHON": sys.executable,
+        "DEVICE": "cpu",
+        "PRESETS": "debug",
+        "STEPS": "4",
+        "SEQ": "32",
+        "MICRO": "4",
+        "COMPILE": "false",
+        "TOKENS": str(tokens),
+        "RESULTS": str(results),
+        "OMP_NUM_THREADS": "1",
+    }
+    out = subprocess.run(
+        ["bash", "bench/gpu_check.sh"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [r["parallel"] for r in rows] == ["ddp", "fsdp"]
+    assert all(r["steps"] == 4 and r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 for r in rows)
+    assert (
+        "debug: DDP vs FSDP2 losses at 4 log steps" in out.stdout and "(equal within" in out.stdout
+    )
