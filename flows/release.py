@@ -51,7 +51,8 @@ def release(params_file: str = "params.yaml", overrides: list[str] | None = None
             )
             out["registered"] = register(cfg, source, run.info.run_id, manifest)
             log.info(
-                "registered %(name)s version %(version)s, aliases %(aliases)s", out["registered"]
+                "registered %(name)s version %(version)s, aliases %(aliases)s (%(champion)s)",
+                out["registered"],
             )
         import mlflow
 

@@ -78,15 +78,10 @@ def export(
         (tmp / "config.json").write_text(
             json.dumps(hf_config(cfg, bos, eos, pad), indent=2, sort_keys=True) + "\n"
         )
-        gen = {
-            "bos_token_id": bos,
-            "eos_token_id": eos,
-            "pad_token_id": pad,
-            "do_sample": False,
-            # The context length, as Llama's own generation_config sets it: a max_new_tokens here
-            # would clash with every caller that passes max_length (lm-eval does) and warn.
-            "max_length": cfg.max_seq_len,
-        }
+        # No length here: a max_length clashes with every generate(max_new_tokens=...) and a
+        # max_new_tokens with every caller that passes max_length (lm-eval does); both warn. The
+        # context length is the config's max_position_embeddings.
+        gen = {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad, "do_sample": False}
         (tmp / "generation_config.json").write_text(
             json.dumps(gen, indent=2, sort_keys=True) + "\n"
         )

@@ -391,6 +391,8 @@ class ReleaseConfig(Section):
     data_card: str = "data/clean/card.json"
     train_summary: str = "models/train_summary.json"
     out_dir: str = "release"
+    # GGUF files for llama.cpp in the bundle, read back before they count; []: none
+    gguf: list[Literal["f16", "q8_0"]] = Field(default_factory=lambda: ["f16", "q8_0"])
     allow_failed_gate: bool = False  # release despite a failed eval gate (the model card says so)
     s3_uri: str | None = None  # s3://bucket/prefix to upload the bundle and tarball to
     register_model: bool = True  # register a version in the MLflow Model Registry

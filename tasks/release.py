@@ -43,14 +43,17 @@ class ReleaseError(RuntimeError):
     pass
 
 
-def dvc_lineage(lock_path: Path = Path("dvc.lock")) -> dict:
-    """Each DVC stage's output hashes, from dvc.lock."""
+def dvc_lineage(lock_path: Path = Path("dvc.lock"), this_stage: str = "release") -> dict:
+    """The output hashes of the stages this release is built from, from dvc.lock: every stage
+    but the release's own, whose entry there is the previous release (its new hash is not known
+    until it has been written)."""
     if not lock_path.exists():
         return {}
     lock = yaml.safe_load(lock_path.read_text()) or {}
     return {
         stage: {o["path"]: o.get("md5") for o in spec.get("outs", [])}
         for stage, spec in sorted(lock.get("stages", {}).items())
+        if stage != this_stage
     }
 
 
@@ -98,7 +101,7 @@ def load_inputs(p: Params) -> dict:
     }
 
 
-def model_card(p: Params, inputs: dict, lineage: dict) -> str:
+def model_card(p: Params, inputs: dict, lineage: dict, gguf: dict | None = None) -> str:
     cfg, r, card, train, mc = (
         p.release,
         inputs["results"],
@@ -215,6 +218,7 @@ def model_card(p: Params, inputs: dict, lineage: dict) -> str:
         f'model = AutoModelForCausalLM.from_pretrained("{cfg.name}-{cfg.version}")  # no trust_remote_code needed',
         "```",
         "",
+        *gguf_section(gguf or {}),
         "## Lineage",
         "",
         f"- Git commit: `{lineage['git_commit']}`",
@@ -236,6 +240,29 @@ def model_card(p: Params, inputs: dict, lineage: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def gguf_section(gguf: dict) -> list[str]:
+    """How to run the bundle's GGUF files in llama.cpp (or why there are none)."""
+    files = sorted(gguf.get("files", {}))
+    if not files:
+        return (
+            ["## llama.cpp", "", f"No GGUF in this release: {gguf['skipped']}.", ""]
+            if gguf.get("skipped")
+            else []
+        )
+    smallest = files[-1] if any("q8_0" in f for f in files) else files[0]
+    return [
+        "## llama.cpp",
+        "",
+        f"GGUF files: {', '.join(f'`{f}`' for f in files)} (written with the `gguf` package, "
+        "read back and compared with the safetensors and the tokenizer before release).",
+        "",
+        "```bash",
+        f'llama-cli -m {smallest} -p "def fibonacci(n):" -n 64 --temp 0',
+        "```",
+        "",
+    ]
 
 
 def mixture_table(mixture: dict) -> list[str]:
@@ -268,6 +295,35 @@ def data_notices(card: dict) -> str:
     return text
 
 
+def write_ggufs(cfg, bundle: Path) -> dict:
+    """The GGUF files of ``release.gguf`` beside the safetensors in ``bundle``, each read back and
+    compared (tensors, tokenizer) before it counts: ``{"files": {name: check figures}}``, or
+    ``{"skipped": why}`` when llama.cpp has no pre-tokenizer for this tokenizer."""
+    from model.export_gguf import (
+        GGUFError,
+        check_gguf,
+        gguf_pre_tokenizer,
+        sample_texts,
+        write_gguf,
+    )
+
+    if not cfg.gguf:
+        return {"skipped": "release.gguf is empty"}
+    try:
+        gguf_pre_tokenizer(json.loads((bundle / "tokenizer.json").read_text()))
+    except GGUFError as exc:
+        return {"skipped": str(exc)}
+    files = {}
+    for kind in cfg.gguf:
+        path = bundle / f"{cfg.name}-{cfg.version}-{kind}.gguf"
+        try:
+            write_gguf(bundle, path, f"{cfg.name}-{cfg.version}", kind)
+            files[path.name] = check_gguf(path, bundle, sample_texts())
+        except GGUFError as exc:
+            raise ReleaseError(f"GGUF {kind}: {exc}") from exc
+    return {"files": files}
+
+
 def build_bundle(p: Params, mlflow_run_id: str, out_root: str | None = None) -> Path:
     """Write ``release/<name>-<version>/`` atomically and return its path."""
     cfg = p.release
@@ -287,11 +343,12 @@ def build_bundle(p: Params, mlflow_run_id: str, out_root: str | None = None) -> 
     with atomic_dir(final) as tmp:
         for f in MODEL_FILES:
             shutil.copy2(Path(cfg.model_dir) / f, tmp / f)
+        gguf = write_ggufs(cfg, tmp)
         if (Path(cfg.eval_dir) / "comparison.png").exists():
             shutil.copy2(Path(cfg.eval_dir) / "comparison.png", tmp / "comparison.png")
         # Params cannot hold secrets (load_params refuses them); the card is redacted all the same,
         # since it quotes source URIs and the data card.
-        (tmp / "README.md").write_text(redact_text(model_card(p, inputs, lineage)))
+        (tmp / "README.md").write_text(redact_text(model_card(p, inputs, lineage, gguf)))
         (tmp / "LICENSE").write_text((LICENSES / f"{cfg.license}.txt").read_text())
         (tmp / "DATA_LICENSES.md").write_text(data_notices(inputs["card"]))
         files = sorted(f.name for f in tmp.iterdir())
@@ -307,6 +364,12 @@ def build_bundle(p: Params, mlflow_run_id: str, out_root: str | None = None) -> 
                 for s in inputs["card"].get("sources", [])
             ],
             "gate": inputs["gate"],
+            "gguf": gguf,
+            # Held-out bits per byte: the figure the gate checks, and what a new version must
+            # improve on to become the champion (lower is better).
+            "val_bpb": inputs["results"]["benchmarks"]
+            .get("val_perplexity", {})
+            .get("bits_per_byte"),
             "evaluation": {
                 k: v.get("score", v.get("status"))
                 for k, v in inputs["results"]["benchmarks"].items()
@@ -495,14 +558,35 @@ def version_notes(manifest: dict) -> tuple[str, dict[str, str]]:
     tags = {
         "release": f"{manifest['name']}-{manifest['version']}",
         "gate": "passed" if gate["passed"] else "failed",
+        "git_commit": str(manifest["lineage"]["git_commit"]),
         **{f"eval.{k}": f"{v:.4g}" for k, v in scores.items()},
     }
+    if isinstance(manifest.get("val_bpb"), int | float):
+        tags["eval.val_bpb"] = f"{manifest['val_bpb']:.6g}"
     return "\n".join(lines), tags
+
+
+def champion_verdict(manifest: dict, champion_tags: dict | None) -> tuple[bool, str]:
+    """Whether a new version takes the ``champion`` alias, and why: it must pass the gate and
+    beat the current champion's held-out bits per byte (or there is no champion yet)."""
+    if not manifest["gate"]["passed"]:
+        return False, "the evaluation gate failed"
+    if champion_tags is None:
+        return True, "there was no champion"
+    new, old = manifest.get("val_bpb"), champion_tags.get("eval.val_bpb")
+    if old is None:
+        return True, "the champion has no val_bpb to compare with"
+    if new is None:
+        return False, "this version has no val_bpb to compare with the champion's"
+    if new < float(old):
+        return True, f"val_bpb {new:.4f} beats the champion's {float(old):.4f}"
+    return False, f"val_bpb {new:.4f} does not beat the champion's {float(old):.4f}"
 
 
 def register(cfg, source: str, run_id: str, manifest: dict) -> dict:
     """A version in the MLflow Model Registry with the release's evaluation as its description and
-    tags; alias ``candidate``, and ``champion`` when the gate passed."""
+    tags; alias ``candidate``, and ``champion`` when it passed the gate and beats the current
+    champion (``champion_verdict``)."""
     import mlflow
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
@@ -523,7 +607,17 @@ def register(cfg, source: str, run_id: str, manifest: dict) -> dict:
     mv = client.create_model_version(
         cfg.registered_model, source=source, run_id=run_id, tags=tags, description=description
     )
-    aliases = ["candidate"] + (["champion"] if manifest["gate"]["passed"] else [])
+    try:
+        current = client.get_model_version_by_alias(cfg.registered_model, "champion").tags
+    except MlflowException:  # no champion yet
+        current = None
+    crowned, why = champion_verdict(manifest, current)
+    aliases = ["candidate"] + (["champion"] if crowned else [])
     for alias in aliases:
         client.set_registered_model_alias(cfg.registered_model, alias, mv.version)
-    return {"name": cfg.registered_model, "version": mv.version, "aliases": aliases}
+    return {
+        "name": cfg.registered_model,
+        "version": mv.version,
+        "aliases": aliases,
+        "champion": ("champion: " if crowned else "not champion: ") + why,
+    }

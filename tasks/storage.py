@@ -347,7 +347,13 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     try:
         with disk_guard(path):
             yield tmp
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700
+        # mkdtemp creates 0700, and some writers 0600 files (safetensors does): a published
+        # folder gets a normal folder's and files' modes (0755/0644 under the usual umask).
+        mask = _umask()
+        for sub in tmp.rglob("*"):
+            if not sub.is_symlink():
+                os.chmod(sub, (0o777 if sub.is_dir() else 0o666) & ~mask)
+        os.chmod(tmp, 0o777 & ~mask)
         old = None
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")

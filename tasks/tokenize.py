@@ -131,6 +131,9 @@ def save_tokenizer(tok, cfg: TokenizeConfig, out_dir: str | Path) -> None:
         **specials,
         "unk_token": None,
         "additional_special_tokens": list(cfg.extra_special_tokens),
+        # A decoder takes ids and a mask; without this, transformers 4.x's fast tokenizer also
+        # returns token_type_ids, and generate(**tok(text, return_tensors="pt")) fails.
+        "model_input_names": ["input_ids", "attention_mask"],
         "add_bos_token": False,
         "add_eos_token": False,
         "clean_up_tokenization_spaces": False,

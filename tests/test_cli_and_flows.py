@@ -349,7 +349,9 @@ def test_train_flow_end_to_end_within_a_minute(prefect_server, mlflow_sqlite, tm
     ).iloc[0]
     client = mlflow.tracking.MlflowClient()
     history = client.get_metric_history(run["run_id"], "loss/train")
-    assert [m.step for m in history] == [2, 4, 6, 8, 10]
+    # every log step, and the validation step (5) between them, with its validation loss
+    assert [m.step for m in history] == [2, 4, 5, 6, 8, 10]
+    assert [m.step for m in client.get_metric_history(run["run_id"], "loss/val")] == [5, 10]
     # curves in sections that sort before the single-value summary numbers; no bookkeeping fields
     keys = set(client.get_run(run["run_id"]).data.metrics)
     assert {"loss/val", "optim/lr", "speed/mfu", "summary/val_loss"} <= keys, keys

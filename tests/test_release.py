@@ -14,7 +14,15 @@ import torch
 import yaml
 
 from tasks.config import ConfigError, params_from_dict
-from tasks.release import ReleaseError, build_bundle, build_tarball, register, safe_extract, verify
+from tasks.release import (
+    MODEL_FILES,
+    ReleaseError,
+    build_bundle,
+    build_tarball,
+    register,
+    safe_extract,
+    verify,
+)
 from tests.conftest import REPO, free_port, run_flow, running_server
 
 pytestmark = pytest.mark.integration
@@ -222,6 +230,18 @@ def test_registry_has_version_and_aliases_on_a_server(inputs, tmp_path, mlflow_s
     assert client.get_model_version("llmforge", second["version"]).tags["gate"] == "failed"
     assert client.get_model_version_by_alias("llmforge", "candidate").version == second["version"]
     assert client.get_model_version_by_alias("llmforge", "champion").version == info["version"]
+    assert champion.tags["git_commit"] == manifest["lineage"]["git_commit"]
+    assert float(champion.tags["eval.val_bpb"]) == pytest.approx(manifest["val_bpb"], rel=1e-5)
+    # The champion alias moves only to a version that passes the gate and beats the champion's
+    # held-out bits per byte.
+    for delta, moves in ((+0.01, False), (0.0, False), (-0.01, True)):
+        with mlflow.start_run() as run:
+            other = {**manifest, "val_bpb": manifest["val_bpb"] + delta}
+            new = register(p.release, str(bundle), run.info.run_id, other)
+        now = client.get_model_version_by_alias("llmforge", "champion").version
+        assert (now == new["version"]) == moves, (delta, new["champion"])
+        assert ("champion" in new["aliases"]) == moves
+        assert new["champion"].startswith("champion:" if moves else "not champion:")
 
 
 def info_run_id(client, info):
@@ -282,3 +302,80 @@ def test_missing_bucket_upload_fails_clearly_and_leaves_nothing(inputs, tmp_path
     tarball = build_tarball(bundle)
     with pytest.raises(StorageError, match="does not exist"):
         upload(bundle, tarball, "s3://no-such-release-bucket/x")
+
+
+def test_lineage_lists_the_inputs_not_the_previous_release(tmp_path):
+    from tasks.release import dvc_lineage
+
+    lock = {
+        "schema": "2.0",
+        "stages": {
+            "train": {"outs": [{"path": "models/hf", "md5": "aaa.dir"}]},
+            "release": {"outs": [{"path": "release", "md5": "old-release.dir"}]},
+        },
+    }
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
+    assert dvc_lineage(tmp_path / "dvc.lock") == {"train": {"models/hf": "aaa.dir"}}
+
+
+def test_gguf_in_the_bundle_reads_back_as_the_safetensors(inputs, tmp_path):
+    """The release's GGUF files, read with llama.cpp's own gguf package: tensors equal to the
+    safetensors (the q/k rows un-permuted), llama.cpp's metadata, a vocabulary that gives back our
+    tokens; a changed byte or an unknown pre-tokenizer is caught."""
+    import gguf
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    from model.export_gguf import GGUFError, check_gguf, sample_texts, unpermute
+    from tasks.release import write_ggufs
+
+    root, data = inputs
+    p = params(root, data, str(tmp_path / "out"))
+    bundle = build_bundle(p, "run-1")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    names = sorted(manifest["gguf"]["files"])
+    assert names == ["llmforge-demo-0.1.0-f16.gguf", "llmforge-demo-0.1.0-q8_0.gguf"]
+    sums = (bundle / "SHA256SUMS").read_text()
+    assert all(n in sums for n in names)
+    assert "llama-cli -m llmforge-demo-0.1.0-q8_0.gguf" in (bundle / "README.md").read_text()
+    assert verify(str(bundle), load=False)["files"] >= 2 + len(MODEL_FILES)
+
+    config = json.loads((bundle / "config.json").read_text())
+    weights = load_file(str(bundle / "model.safetensors"))
+    reader = gguf.GGUFReader(str(bundle / names[0]))
+    field = lambda k: reader.fields[k].contents()  # noqa: E731
+    assert field("general.architecture") == "llama" and field("tokenizer.ggml.pre") == "llama-bpe"
+    assert field("llama.context_length") == config["max_position_embeddings"]
+    assert field("llama.attention.head_count_kv") == config["num_key_value_heads"]
+    assert field("tokenizer.ggml.bos_token_id") == config["bos_token_id"]
+    q = next(t for t in reader.tensors if t.name == "blk.0.attn_q.weight")
+    want = weights["model.layers.0.self_attn.q_proj.weight"]
+    got = unpermute(
+        np.asarray(q.data, dtype=np.float32).reshape(want.shape), config["num_attention_heads"]
+    )
+    assert np.array_equal(got, want.astype(np.float16).astype(np.float32))
+    # Our ids, looked up in the GGUF's vocabulary, are our tokens.
+    from tokenizers import Tokenizer
+
+    ours = Tokenizer.from_file(str(bundle / "tokenizer.json"))
+    tokens = field("tokenizer.ggml.tokens")
+    for text in sample_texts():
+        enc = ours.encode(text)
+        assert [tokens[i] for i in enc.ids] == enc.tokens
+
+    # One changed byte in a tensor is caught.
+    bad = tmp_path / "bad.gguf"
+    blob = bytearray((bundle / names[0]).read_bytes())
+    blob[q.data_offset + 3] ^= 0x40
+    bad.write_bytes(bytes(blob))
+    with pytest.raises(GGUFError, match="blk.0.attn_q.weight differs"):
+        check_gguf(bad, bundle, sample_texts()[:1])
+    # A tokenizer whose split pattern llama.cpp does not know: no GGUF, and the card says why.
+    odd = tmp_path / "odd"
+    shutil.copytree(root / "t" / "hf", odd)
+    tok = json.loads((odd / "tokenizer.json").read_text())
+    tok["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = r"\s+|\S+"
+    (odd / "tokenizer.json").write_text(json.dumps(tok))
+    skipped = write_ggufs(p.release, odd)
+    assert "no llama.cpp pre-tokenizer" in skipped["skipped"]
+    assert not list(odd.glob("*.gguf"))

@@ -281,7 +281,7 @@ def test_checkpoint_of_another_run_is_not_resumed(data, tmp_path):
     assert "not resuming: step-00000006 ends a completed run" in out.stdout
 
 
-def test_export_round_trip_logits_and_generate(data, tmp_path):
+def test_export_round_trip_logits_and_generate(data, tmp_path, caplog):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     d = tmp_path / "exp"
@@ -312,6 +312,31 @@ def test_export_round_trip_logits_and_generate(data, tmp_path):
             pad_token_id=tok.pad_token_id,
         )
     assert torch.equal(mine, theirs)
+    # Metadata a user's tools read: one context length, no token_type_ids, a generation config
+    # that lets generate(max_new_tokens=...) run without a warning, files readable by others.
+    tok_cfg = json.loads((d / "hf" / "tokenizer_config.json").read_text())
+    assert (
+        cfg["max_position_embeddings"] == tok_cfg["model_max_length"] == 32 == tok.model_max_length
+    )
+    enc = tok("def add(a, b):", return_tensors="pt")
+    assert set(enc) == {"input_ids", "attention_mask"}
+    assert "max_length" not in json.loads((d / "hf" / "generation_config.json").read_text())
+    import logging
+
+    import transformers
+
+    transformers.logging.enable_propagation()
+    try:
+        with caplog.at_level(logging.WARNING):
+            out = hf.generate(**enc, max_new_tokens=4, do_sample=False)
+    finally:
+        transformers.logging.disable_propagation()
+    assert out.shape[1] == enc["input_ids"].shape[1] + 4
+    assert not [r for r in caplog.records if "max_length" in r.getMessage()], caplog.text
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in (d / "hf").iterdir():
+        assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f.name
     # DVC's metrics file: the headline numbers only; every figure is in the summary
     assert set(json.loads((d / "train.json").read_text())) == {"val_loss", "tokens_per_s", "mfu"}
     metrics = json.loads((d / "train_summary.json").read_text())
