@@ -562,7 +562,8 @@ def version_notes(manifest: dict) -> tuple[str, dict[str, str]]:
         **{f"eval.{k}": f"{v:.4g}" for k, v in scores.items()},
     }
     if isinstance(manifest.get("val_bpb"), int | float):
-        tags["eval.val_bpb"] = f"{manifest['val_bpb']:.6g}"
+        # Full precision (repr round-trips): the champion rule compares the next version with it.
+        tags["eval.val_bpb"] = repr(float(manifest["val_bpb"]))
     return "\n".join(lines), tags
 
 
@@ -579,8 +580,8 @@ def champion_verdict(manifest: dict, champion_tags: dict | None) -> tuple[bool, 
     if new is None:
         return False, "this version has no val_bpb to compare with the champion's"
     if new < float(old):
-        return True, f"val_bpb {new:.4f} beats the champion's {float(old):.4f}"
-    return False, f"val_bpb {new:.4f} does not beat the champion's {float(old):.4f}"
+        return True, f"val_bpb {new:.6f} beats the champion's {float(old):.6f}"
+    return False, f"val_bpb {new:.6f} does not beat the champion's {float(old):.6f}"
 
 
 def register(cfg, source: str, run_id: str, manifest: dict) -> dict:
