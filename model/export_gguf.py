@@ -23,16 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-# The split patterns known to equal llama.cpp's `llama-bpe` pre-tokenizer (tasks/config.py).
-LLAMA_BPE_PATTERNS: set[str] = set()
+from tasks.config import GPT4_SPLIT_PATTERN, SPLIT_PATTERN
 
-
-def _known_patterns() -> set[str]:
-    if not LLAMA_BPE_PATTERNS:
-        from tasks.config import GPT4_SPLIT_PATTERN, SPLIT_PATTERN
-
-        LLAMA_BPE_PATTERNS.update({SPLIT_PATTERN, GPT4_SPLIT_PATTERN})
-    return LLAMA_BPE_PATTERNS
+# The split patterns known to equal llama.cpp's `llama-bpe` pre-tokenizer.
+LLAMA_BPE_PATTERNS = frozenset({SPLIT_PATTERN, GPT4_SPLIT_PATTERN})
 
 
 class GGUFError(RuntimeError):
@@ -50,7 +44,7 @@ def _split_pattern(tokenizer: dict) -> str | None:
 def gguf_pre_tokenizer(tokenizer: dict) -> str:
     """llama.cpp's name for our pre-tokenizer, or GGUFError saying why there is none."""
     pattern = _split_pattern(tokenizer)
-    if pattern not in _known_patterns():
+    if pattern not in LLAMA_BPE_PATTERNS:
         raise GGUFError(
             "the tokenizer's split pattern has no llama.cpp pre-tokenizer (only the default "
             "tokenize.split_pattern maps to llama-bpe); no GGUF was written"
@@ -102,10 +96,13 @@ def gguf_name(hf_name: str) -> str:
     return f"blk.{m.group(1)}.{_NAMES[m.group(2)]}"
 
 
-def _gguf_tensors(folder: Path, config: dict) -> dict[str, np.ndarray]:
-    """GGUF name -> f32 array in GGUF's layout (q/k permuted)."""
+def gguf_tensors(folder: str | Path) -> dict[str, np.ndarray]:
+    """The Hugging Face folder's weights as GGUF name -> f32 array in GGUF's layout (q/k
+    permuted): what ``write_gguf`` writes and ``check_gguf`` compares with; compute it once."""
     from safetensors.numpy import load_file
 
+    folder = Path(folder)
+    config = json.loads((folder / "config.json").read_text())
     out = {}
     for name, w in load_file(str(folder / "model.safetensors")).items():
         w = w.astype(np.float32)
@@ -117,8 +114,15 @@ def _gguf_tensors(folder: Path, config: dict) -> dict[str, np.ndarray]:
     return out
 
 
-def write_gguf(folder: str | Path, out_path: str | Path, name: str, kind: str = "f16") -> Path:
-    """Write ``out_path`` (``kind``: f16 or q8_0) from the Hugging Face folder ``folder``."""
+def write_gguf(
+    folder: str | Path,
+    out_path: str | Path,
+    name: str,
+    kind: str,
+    tensors: dict[str, np.ndarray],
+) -> Path:
+    """Write ``out_path`` (``kind``: f16 or q8_0) from the Hugging Face folder ``folder`` and its
+    ``gguf_tensors``."""
     import gguf
 
     folder = Path(folder)
@@ -163,7 +167,7 @@ def write_gguf(folder: str | Path, out_path: str | Path, name: str, kind: str = 
     w.add_add_eos_token(bool(tok_cfg.get("add_eos_token", False)))
 
     qtype = {"f16": gguf.GGMLQuantizationType.F16, "q8_0": gguf.GGMLQuantizationType.Q8_0}[kind]
-    for gname, arr in _gguf_tensors(folder, config).items():
+    for gname, arr in tensors.items():
         if arr.ndim == 1:  # norms stay f32, as the converter keeps them
             w.add_tensor(gname, arr)
         elif qtype == gguf.GGMLQuantizationType.F16:
@@ -196,18 +200,20 @@ def sample_texts() -> list[str]:
     ]
 
 
-def check_gguf(gguf_path: str | Path, folder: str | Path, texts: list[str]) -> dict:
-    """Read ``gguf_path`` back and compare it with the Hugging Face folder: every tensor (name,
-    shape, values: exact for f16, within q8_0's rounding for q8_0) and the tokenizer (ids of
-    ``texts`` from a tokenizer rebuilt out of the GGUF's tokens and merges alone). Returns the
-    figures; GGUFError names the first difference."""
+def check_gguf(
+    gguf_path: str | Path, folder: str | Path, texts: list[str], expected: dict[str, np.ndarray]
+) -> dict:
+    """Read ``gguf_path`` back and compare it with the Hugging Face folder: every tensor against
+    ``expected`` (its ``gguf_tensors``: name, shape, values: exact for f16, exactly the
+    quantizer's blocks for q8_0) and the tokenizer (ids of ``texts`` from a tokenizer rebuilt out
+    of the GGUF's tokens and merges alone). Returns the figures; GGUFError names the first
+    difference."""
     import gguf
-    from tokenizers import Tokenizer, decoders, pre_tokenizers
+    from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers
     from tokenizers.models import BPE
 
     folder = Path(folder)
     config = json.loads((folder / "config.json").read_text())
-    expected = _gguf_tensors(folder, config)
     reader = gguf.GGUFReader(str(gguf_path))
     seen, worst = set(), 0.0
     for t in reader.tensors:
@@ -250,8 +256,6 @@ def check_gguf(gguf_path: str | Path, folder: str | Path, texts: list[str]) -> d
         r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|"
         r"\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
     )
-    from tokenizers import Regex
-
     rebuilt = Tokenizer(BPE({t: i for i, t in enumerate(tokens)}, merges, ignore_merges=False))
     rebuilt.pre_tokenizer = pre_tokenizers.Sequence(
         [

@@ -251,7 +251,7 @@ def gguf_section(gguf: dict) -> list[str]:
             if gguf.get("skipped")
             else []
         )
-    smallest = files[-1] if any("q8_0" in f for f in files) else files[0]
+    smallest = next((f for f in files if f.endswith("-q8_0.gguf")), files[0])
     return [
         "## llama.cpp",
         "",
@@ -303,6 +303,7 @@ def write_ggufs(cfg, bundle: Path) -> dict:
         GGUFError,
         check_gguf,
         gguf_pre_tokenizer,
+        gguf_tensors,
         sample_texts,
         write_gguf,
     )
@@ -313,12 +314,12 @@ def write_ggufs(cfg, bundle: Path) -> dict:
         gguf_pre_tokenizer(json.loads((bundle / "tokenizer.json").read_text()))
     except GGUFError as exc:
         return {"skipped": str(exc)}
-    files = {}
+    files, tensors, texts = {}, gguf_tensors(bundle), sample_texts()
     for kind in cfg.gguf:
         path = bundle / f"{cfg.name}-{cfg.version}-{kind}.gguf"
         try:
-            write_gguf(bundle, path, f"{cfg.name}-{cfg.version}", kind)
-            files[path.name] = check_gguf(path, bundle, sample_texts())
+            write_gguf(bundle, path, f"{cfg.name}-{cfg.version}", kind, tensors)
+            files[path.name] = check_gguf(path, bundle, texts, tensors)
         except GGUFError as exc:
             raise ReleaseError(f"GGUF {kind}: {exc}") from exc
     return {"files": files}

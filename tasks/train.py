@@ -131,7 +131,7 @@ def failure_reason(lines: list[str], max_restarts: int) -> str:
         rank = next(
             (b.split(":")[1].split("(")[0].strip() for b in block if "rank " in b and ":" in b), "?"
         )
-        code = next((_ROOT_EXIT.search(b) for b in block if _ROOT_EXIT.search(b)), None)
+        code = next((m for b in block if (m := _ROOT_EXIT.search(b))), None)
         if code and code.group(2):
             cause = f"rank {rank} was killed by {code.group(2)}"
         elif code:

@@ -326,7 +326,7 @@ def test_gguf_in_the_bundle_reads_back_as_the_safetensors(inputs, tmp_path):
     import numpy as np
     from safetensors.numpy import load_file
 
-    from model.export_gguf import GGUFError, check_gguf, sample_texts, unpermute
+    from model.export_gguf import GGUFError, check_gguf, gguf_tensors, sample_texts, unpermute
     from tasks.release import write_ggufs
 
     root, data = inputs
@@ -369,7 +369,7 @@ def test_gguf_in_the_bundle_reads_back_as_the_safetensors(inputs, tmp_path):
     blob[q.data_offset + 3] ^= 0x40
     bad.write_bytes(bytes(blob))
     with pytest.raises(GGUFError, match="blk.0.attn_q.weight differs"):
-        check_gguf(bad, bundle, sample_texts()[:1])
+        check_gguf(bad, bundle, sample_texts()[:1], gguf_tensors(bundle))
     # A tokenizer whose split pattern llama.cpp does not know: no GGUF, and the card says why.
     odd = tmp_path / "odd"
     shutil.copytree(root / "t" / "hf", odd)
