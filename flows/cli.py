@@ -12,6 +12,7 @@ from tasks.config import ConfigError, parse_cli
 
 def user_errors() -> tuple[type[BaseException], ...]:
     from tasks.evaluate import EvaluateError
+    from tasks.finetune import FinetuneError
     from tasks.ingest import IngestError
     from tasks.release import ReleaseError
     from tasks.sources import SourceError
@@ -26,6 +27,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
         StorageError,
         TokenizeError,
         TrainError,
+        FinetuneError,
         EvaluateError,
         ReleaseError,
     )

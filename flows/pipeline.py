@@ -15,6 +15,7 @@ from prefect.runtime import flow_run
 
 from flows.cli import run_cli
 from flows.evaluate import evaluate
+from flows.finetune import finetune
 from flows.ingest import ingest
 from flows.release import release
 from flows.tokenize import tokenize
@@ -27,6 +28,7 @@ STAGES = {
     "ingest": ingest,
     "tokenize": tokenize,
     "train": train,
+    "finetune": finetune,
     "evaluate": evaluate,
     "release": release,
 }

@@ -32,12 +32,7 @@ class TokenLoader:
         seed: int = 0,
     ):
         root = Path(tokens_dir)
-        index_path = root / "index.json"
-        if not index_path.exists():
-            raise FileNotFoundError(
-                f"{index_path} not found: run the tokenize stage first (python -m flows.tokenize)"
-            )
-        self.index = json.loads(index_path.read_text())
+        self.index = read_index(root)
         dtype = np.dtype(self.index["dtype"])
         shards = [s for s in self.index["splits"][split]["shards"] if s["tokens"] > 0]
         self.arrays = [np.memmap(root / s["path"], dtype=dtype, mode="r") for s in shards]
@@ -113,3 +108,76 @@ class TokenLoader:
                 "start a new run: move or delete the checkpoint folder (train.ckpt_dir)"
             )
         self.position = int(state["position"])
+
+
+class ConversationLoader(TokenLoader):
+    """Batches of rendered conversations (the finetune stage's ``data/sft``): one conversation per
+    row of ``seq_len + 1`` tokens, right-padded, with a loss mask. Targets outside the mask
+    (system and user turns, role headers, padding) are -100, which the loss ignores. Rows are
+    visited in the same seeded per-epoch order as token windows, so resuming is exact."""
+
+    def __init__(
+        self,
+        tokens_dir: str,
+        split: str,
+        batch: int,
+        seq_len: int,
+        rank: int = 0,
+        world: int = 1,
+        seed: int = 0,
+    ):
+        root = Path(tokens_dir)
+        self.index = read_index(root)
+        entry = self.index["splits"][split]
+        self.ids = np.load(root / entry["ids"], mmap_mode="r")
+        self.mask = np.load(root / entry["mask"], mmap_mode="r")
+        if self.ids.shape != (entry["rows"], seq_len + 1) or self.mask.shape != self.ids.shape:
+            raise DataMismatchError(
+                f"{root / entry['ids']} holds rows of shape {self.ids.shape}, not "
+                f"({entry['rows']}, seq_len + 1 = {seq_len + 1}): prepare the conversations "
+                "again with this seq_len (rerun the finetune stage)"
+            )
+        self.batch, self.seq_len, self.rank, self.world, self.seed = (
+            batch,
+            seq_len,
+            rank,
+            world,
+            seed,
+        )
+        self.n_windows = entry["rows"]
+        if self.n_windows < 1:
+            raise DataMismatchError(f"the {split} split of {root} has no conversations")
+        self.total = entry["tokens"]
+        self.position = 0
+        self._perm_epoch, self._perm = -1, None
+        self.fingerprint = hashlib.sha256(
+            json.dumps([self.index["tokenizer_sha256"], entry, seq_len, seed]).encode()
+        ).hexdigest()[:16]
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        base = (self.position * self.world + self.rank) * self.batch
+        rows = [self._order(base + j) for j in range(self.batch)]
+        ids = torch.from_numpy(np.stack([self.ids[r] for r in rows]).astype(np.int64))
+        mask = torch.from_numpy(np.stack([self.mask[r] for r in rows]))
+        self.position += 1
+        return ids[:, :-1], ids[:, 1:].masked_fill(~mask[:, 1:], IGNORE)
+
+
+IGNORE = -100  # a target the loss skips (torch's cross_entropy ignore_index)
+
+
+def read_index(root: Path) -> dict:
+    path = root / "index.json"
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} not found: run the stage that writes it first (tokenize for data/tokens, "
+            "finetune for the conversations)"
+        )
+    return json.loads(path.read_text())
+
+
+def make_loader(tokens_dir: str, split: str, *args, **kwargs) -> TokenLoader:
+    """The loader for what ``tokens_dir`` holds: packed token shards or rendered conversations."""
+    kind = read_index(Path(tokens_dir)).get("kind", "tokens")
+    cls = ConversationLoader if kind == "conversations" else TokenLoader
+    return cls(tokens_dir, split, *args, **kwargs)

@@ -11,9 +11,8 @@ from pathlib import Path
 import torch
 
 from model.model import Llama, ModelConfig
+from tasks.chat import CHAT_TEMPLATE, END
 from tasks.storage import atomic_dir
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 class ExportCheckError(RuntimeError):
@@ -59,21 +58,59 @@ def hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str,
     return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in sorted(out.items())}
 
 
+def from_hf(folder: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Our model's config and state dict from one of our exports (the inverse of the above): the
+    finetune stage starts from the base model this way."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    c = json.loads((folder / "config.json").read_text())
+    cfg = ModelConfig(
+        vocab_size=c["vocab_size"],
+        n_layer=c["num_hidden_layers"],
+        n_head=c["num_attention_heads"],
+        n_kv_head=c["num_key_value_heads"],
+        d_model=c["hidden_size"],
+        ffn_hidden=c["intermediate_size"],
+        max_seq_len=c["max_position_embeddings"],
+        rope_theta=c["rope_theta"],
+        norm_eps=c["rms_norm_eps"],
+        tie_embeddings=c["tie_word_embeddings"],
+        init_std=c["initializer_range"],
+    )
+    state = {
+        k.removeprefix("model."): v for k, v in load_file(folder / "model.safetensors").items()
+    }
+    if cfg.tie_embeddings:
+        state["lm_head.weight"] = state["embed_tokens.weight"]
+    return cfg, state
+
+
 def export(
     state: dict[str, torch.Tensor],
     cfg: ModelConfig,
     tokenizer_dir: str | Path,
     out_dir: str | Path,
     tol: float = 1e-4,
+    chat: bool = False,
 ) -> float:
-    """Write the folder atomically; return the max |logit difference| vs transformers."""
+    """Write the folder atomically; return the max |logit difference| vs transformers. A chat
+    model's tokenizer carries the chat template (tasks/chat.py), ends a sequence at ``<|end|>``
+    (config, generation config and tokenizer agree) and parses special tokens in text, as
+    ``apply_chat_template`` needs; a base model's tokenizer splits them into bytes."""
     from safetensors.torch import save_file
 
     tok_dir = Path(tokenizer_dir)
     tok_cfg = json.loads((tok_dir / "tokenizer.json").read_text())
     ids = {t["content"]: t["id"] for t in tok_cfg["added_tokens"]}
     tcfg = json.loads((tok_dir / "tokenizer_config.json").read_text())
+    smap = json.loads((tok_dir / "special_tokens_map.json").read_text())
     bos, eos, pad = ids[tcfg["bos_token"]], ids[tcfg["eos_token"]], ids[tcfg["pad_token"]]
+    stop: int | list[int] = eos
+    if chat:
+        tcfg |= {"chat_template": CHAT_TEMPLATE, "eos_token": END, "split_special_tokens": False}
+        smap |= {"eos_token": END}
+        eos, stop = ids[END], [ids[END], eos]
     with atomic_dir(out_dir) as tmp:
         (tmp / "config.json").write_text(
             json.dumps(hf_config(cfg, bos, eos, pad), indent=2, sort_keys=True) + "\n"
@@ -81,15 +118,17 @@ def export(
         # No length here: a max_length clashes with every generate(max_new_tokens=...) and a
         # max_new_tokens with every caller that passes max_length (lm-eval does); both warn. The
         # context length is the config's max_position_embeddings.
-        gen = {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad, "do_sample": False}
+        gen = {"bos_token_id": bos, "eos_token_id": stop, "pad_token_id": pad, "do_sample": False}
         (tmp / "generation_config.json").write_text(
             json.dumps(gen, indent=2, sort_keys=True) + "\n"
         )
         save_file(
             hf_state_dict(state, cfg), str(tmp / "model.safetensors"), metadata={"format": "pt"}
         )
-        for name in TOKENIZER_FILES:
-            shutil.copy2(tok_dir / name, tmp / name)
+        shutil.copy2(tok_dir / "tokenizer.json", tmp / "tokenizer.json")
+        (tmp / "special_tokens_map.json").write_text(
+            json.dumps(smap, indent=2, sort_keys=True) + "\n"
+        )
         # One context length: the tokenizer's model_max_length is the model's, so truncation and
         # length warnings agree with max_position_embeddings.
         (tmp / "tokenizer_config.json").write_text(

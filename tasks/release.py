@@ -98,6 +98,9 @@ def load_inputs(p: Params) -> dict:
         "train": train,
         "mixture": index.get("mixture", {}),
         "config": json.loads((model / "config.json").read_text()),
+        "chat_template": json.loads((model / "tokenizer_config.json").read_text()).get(
+            "chat_template"
+        ),
     }
 
 
@@ -219,6 +222,7 @@ def model_card(p: Params, inputs: dict, lineage: dict, gguf: dict | None = None)
         "```",
         "",
         *gguf_section(gguf or {}),
+        *chat_card_section(cfg, inputs),
         "## Lineage",
         "",
         f"- Git commit: `{lineage['git_commit']}`",
@@ -240,6 +244,40 @@ def model_card(p: Params, inputs: dict, lineage: dict, gguf: dict | None = None)
         "",
     ]
     return "\n".join(lines)
+
+
+def chat_card_section(cfg, inputs: dict) -> list[str]:
+    """How to chat with a chat model: its template in transformers and vLLM, and how it ends."""
+    if not inputs.get("chat_template"):
+        return []
+    chat = inputs["results"].get("chat", {}).get("benchmarks", {}).get("humaneval", {})
+    score = (
+        f" HumanEval through the template: pass@1 {chat['score']:.1f}% (n={chat['n']})."
+        if chat.get("status") == "ran"
+        else ""
+    )
+    folder = f"{cfg.name}-{cfg.version}"
+    return [
+        "## Chat",
+        "",
+        "Fine-tuned from the base model on conversations (the finetune stage), with the chat "
+        "template in `tokenizer_config.json`: `<|user|>`, `<|assistant|>` and `<|system|>` "
+        "open a turn and `<|end|>` closes it; generation stops there (`eos_token_id` in "
+        "`config.json` and `generation_config.json`)." + score,
+        "",
+        "```python",
+        'msgs = [{"role": "user", "content": "Complete this Python function:\\n\\ndef add(a, b):"}]',
+        "ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors='pt')",
+        "out = model.generate(ids, max_new_tokens=128)",
+        "```",
+        "",
+        f"vLLM serves it with no extra flags: `vllm serve {folder}` answers "
+        "`/v1/chat/completions` with this template; so does `python -m model.serve --model "
+        f"{folder}` from llmforge. The template parses special tokens in message text (as every "
+        "Hugging Face chat template does): a server should refuse messages that contain "
+        "`<|end|>` or a role token, as model.serve does.",
+        "",
+    ]
 
 
 def gguf_section(gguf: dict) -> list[str]:
@@ -372,8 +410,14 @@ def build_bundle(p: Params, mlflow_run_id: str, out_root: str | None = None) -> 
             .get("val_perplexity", {})
             .get("bits_per_byte"),
             "evaluation": {
-                k: v.get("score", v.get("status"))
-                for k, v in inputs["results"]["benchmarks"].items()
+                **{
+                    k: v.get("score", v.get("status"))
+                    for k, v in inputs["results"]["benchmarks"].items()
+                },
+                **{
+                    f"chat_{k}": v.get("score", v.get("status"))
+                    for k, v in inputs["results"].get("chat", {}).get("benchmarks", {}).items()
+                },
             },
             "params": params,
             "files": sums,
@@ -597,8 +641,10 @@ def register(cfg, source: str, run_id: str, manifest: dict) -> dict:
     if not is_s3(source):
         # A tracking server accepts a local source only inside the run's artifacts: log the
         # bundle there (it is also what a registry user downloads) and point the version at it.
-        mlflow.log_artifacts(source, "bundle")
-        source = mlflow.get_artifact_uri("bundle")
+        # bundles/<name>-<version>: the base and chat bundles of one release run stay apart.
+        where = f"bundles/{Path(source).name}"
+        mlflow.log_artifacts(source, where)
+        source = mlflow.get_artifact_uri(where)
     try:
         client.get_registered_model(cfg.registered_model)
     except MlflowException:

@@ -112,7 +112,9 @@ class Item:
 @dataclass(frozen=True)
 class Raw:
     uri: str
-    data: bytes | str  # bytes still to decode, or text already decoded (JSON, Parquet, Hub)
+    # bytes still to decode, text already decoded (JSON, Parquet, Hub), or a record's list value
+    # (structured reads: conversations)
+    data: bytes | str | list
     n_bytes: int
 
 
@@ -245,7 +247,7 @@ def _s3_items(idx: int, uri: str, s3: S3Settings | None) -> list[Item]:
     return [Item(idx, o.uri, o.uri, o.size) for o in objects]
 
 
-def _hf_items(idx: int, src: SourceConfig, batch: int) -> list[Item]:
+def _hf_items(idx: int, src: SourceConfig, batch: int, structured: bool = False) -> list[Item]:
     """Stream a Hub (or local) dataset; fail at once when it cannot be loaded offline."""
     import datasets
 
@@ -269,8 +271,9 @@ def _hf_items(idx: int, src: SourceConfig, batch: int) -> list[Item]:
     for i, row in enumerate(ds):
         if src.max_docs is not None and i >= src.max_docs:
             break
-        text = row.get(src.text_field)
-        records.append((f"{base}#{i}", text if isinstance(text, str) else None))
+        value = row.get(src.text_field)
+        ok = isinstance(value, list) if structured else isinstance(value, str)
+        records.append((f"{base}#{i}", value if ok else None))
         if len(records) == batch:
             items.append(Item(idx, base, records=tuple(records)))
             records = []
@@ -279,34 +282,48 @@ def _hf_items(idx: int, src: SourceConfig, batch: int) -> list[Item]:
     return items
 
 
+def source_items(
+    idx: int, src: SourceConfig, s3: S3Settings | None, batch: int, structured: bool = False
+) -> list[Item]:
+    """The items of one source, in path order (``structured``: Hub records keep list values)."""
+    if src.uri == "stdlib":
+        found = _stdlib_items(idx)
+    elif is_s3(src.uri):
+        found = _s3_items(idx, src.uri, s3)
+    elif src.uri.startswith("hf://"):
+        return _hf_items(idx, src, batch, structured)
+    else:
+        found = _local_items(idx, src)
+    return found[: src.max_docs] if src.max_docs is not None else found
+
+
 def discover(cfg: DataConfig, s3: S3Settings | None = None) -> list[Item]:
     """Every item of every source, in a fixed order (source order, then path order)."""
     items: list[Item] = []
     for idx, src in enumerate(cfg.sources):
-        if src.uri == "stdlib":
-            found = _stdlib_items(idx)
-        elif is_s3(src.uri):
-            found = _s3_items(idx, src.uri, s3)
-        elif src.uri.startswith("hf://"):
-            found = _hf_items(idx, src, cfg.shard_docs)
-        else:
-            found = _local_items(idx, src)
-        if src.max_docs is not None and not src.uri.startswith("hf://"):
-            found = found[: src.max_docs]
-        items.extend(found)
+        items.extend(source_items(idx, src, s3, cfg.shard_docs))
     return items
 
 
-def _records_from_json(item: Item, blob: bytes, fmt: str, field: str) -> Iterator[Raw | Bad]:
+def _value(uri: str, value: object, field: str, structured: bool) -> Raw | Bad:
+    """A record's field as a document: a string, or (``structured``) a list such as a
+    conversation's messages."""
+    if structured:
+        if not isinstance(value, list):
+            return Bad(uri, f"wrong schema: no list field {field!r} (set the source's text_field)")
+        return Raw(uri, value, len(json.dumps(value, default=str)))
+    if not isinstance(value, str):
+        return Bad(uri, f"wrong schema: no string field {field!r} (set the source's text_field)")
+    return Raw(uri, value, len(value.encode("utf-8", "surrogatepass")))
+
+
+def _records_from_json(
+    item: Item, blob: bytes, fmt: str, field: str, structured: bool = False
+) -> Iterator[Raw | Bad]:
     def one(uri: str, rec: object) -> Raw | Bad:
         if not isinstance(rec, dict):
             return Bad(uri, f"wrong schema: record is a {type(rec).__name__}, not an object")
-        text = rec.get(field)
-        if not isinstance(text, str):
-            return Bad(
-                uri, f"wrong schema: no string field {field!r} (set the source's text_field)"
-            )
-        return Raw(uri, text, len(text.encode("utf-8", "surrogatepass")))
+        return _value(uri, rec.get(field), field, structured)
 
     if fmt == "jsonl":
         for n, line in enumerate(blob.split(b"\n"), start=1):
@@ -330,7 +347,9 @@ def _records_from_json(item: Item, blob: bytes, fmt: str, field: str) -> Iterato
         yield one(f"{item.uri}#{i}" if isinstance(doc, list) else item.uri, rec)
 
 
-def _records_from_parquet(item: Item, blob: bytes, field: str) -> Iterator[Raw | Bad]:
+def _records_from_parquet(
+    item: Item, blob: bytes, field: str, structured: bool = False
+) -> Iterator[Raw | Bad]:
     import pyarrow.parquet as pq
 
     try:
@@ -344,12 +363,8 @@ def _records_from_parquet(item: Item, blob: bytes, field: str) -> Iterator[Raw |
             f"wrong schema: no column {field!r} (columns: {', '.join(table.column_names)})",
         )
         return
-    for i, text in enumerate(table.column(field).to_pylist()):
-        uri = f"{item.uri}#{i}"
-        if isinstance(text, str):
-            yield Raw(uri, text, len(text.encode("utf-8", "surrogatepass")))
-        else:
-            yield Bad(uri, f"wrong schema: {field!r} is {type(text).__name__}, not a string")
+    for i, value in enumerate(table.column(field).to_pylist()):
+        yield _value(f"{item.uri}#{i}", value, field, structured)
 
 
 def gunzip_bounded(blob: bytes, max_bytes: int) -> bytes | None:
@@ -361,15 +376,17 @@ def gunzip_bounded(blob: bytes, max_bytes: int) -> bytes | None:
 
 
 def read_item(
-    item: Item, src: SourceConfig, cfg: DataConfig, s3: S3Settings | None = None
+    item: Item,
+    src: SourceConfig,
+    cfg: DataConfig,
+    s3: S3Settings | None = None,
+    structured: bool = False,
 ) -> Iterator[Raw | Bad]:
-    """The raw documents of one item; every problem becomes a :class:`Bad`, nothing raises."""
+    """The raw documents of one item; every problem becomes a :class:`Bad`, nothing raises.
+    ``structured``: records' fields are lists (conversations), not text."""
     if item.records:
-        for uri, text in item.records:
-            if text is None:
-                yield Bad(uri, f"wrong schema: no string field {src.text_field!r}")
-            else:
-                yield Raw(uri, text, len(text.encode("utf-8", "surrogatepass")))
+        for uri, value in item.records:
+            yield _value(uri, value, src.text_field, structured)
         return
     if item.problem:
         yield Bad(item.uri, item.problem)
@@ -409,9 +426,11 @@ def read_item(
     if not blob:
         yield Bad(item.uri, "empty")
         return
-    if fmt == "text":
+    if fmt == "text" and not structured:
         yield Raw(item.uri, blob, len(blob))
+    elif fmt == "text":
+        yield Bad(item.uri, "not a record file: conversations come in JSONL, JSON or Parquet")
     elif fmt == "parquet":
-        yield from _records_from_parquet(item, blob, src.text_field)
+        yield from _records_from_parquet(item, blob, src.text_field, structured)
     else:
-        yield from _records_from_json(item, blob, fmt, src.text_field)
+        yield from _records_from_json(item, blob, fmt, src.text_field, structured)

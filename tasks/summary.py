@@ -156,6 +156,10 @@ def key_figure(stage: str, out) -> str:
             return f"{out['train_tokens']:,} train tokens"
         if stage == "train":
             return f"val loss {out['val_loss']:.3f}, {out['tokens_per_s']:,.0f} tokens/s"
+        if stage == "finetune":
+            return (
+                f"{out['train_conversations']:,} conversations, chat val loss {out['val_loss']:.3f}"
+            )
         if stage == "evaluate":
             gate = "passed" if out["gate"]["passed"] else "FAILED"
             return f"gate {gate}"

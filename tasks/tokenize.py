@@ -130,7 +130,7 @@ def save_tokenizer(tok, cfg: TokenizeConfig, out_dir: str | Path) -> None:
         "tokenizer_class": "PreTrainedTokenizerFast",
         **specials,
         "unk_token": None,
-        "additional_special_tokens": list(cfg.extra_special_tokens),
+        "additional_special_tokens": cfg.additional_special_tokens,
         # A decoder takes ids and a mask; without this, transformers 4.x's fast tokenizer also
         # returns token_type_ids, and generate(**tok(text, return_tensors="pt")) fails.
         "model_input_names": ["input_ids", "attention_mask"],
@@ -151,7 +151,7 @@ def save_tokenizer(tok, cfg: TokenizeConfig, out_dir: str | Path) -> None:
         },
     }
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    smap = {**specials, "additional_special_tokens": list(cfg.extra_special_tokens)}
+    smap = {**specials, "additional_special_tokens": cfg.additional_special_tokens}
     (out / "special_tokens_map.json").write_text(json.dumps(smap, indent=2, sort_keys=True) + "\n")
 
 

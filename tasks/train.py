@@ -38,7 +38,9 @@ def die_with_parent(sig: int = signal.SIGTERM) -> None:
         ctypes.CDLL(None).prctl(1, sig)
 
 
-def torchrun_command(cfg: TrainConfig, params_file: str, overrides: list[str]) -> list[str]:
+def torchrun_command(
+    cfg: TrainConfig, params_file: str, overrides: list[str], stage: str = "train"
+) -> list[str]:
     cmd = [
         sys.executable,
         "-m",
@@ -51,7 +53,7 @@ def torchrun_command(cfg: TrainConfig, params_file: str, overrides: list[str]) -
         cmd += ["--rdzv-backend=c10d", f"--rdzv-endpoint={cfg.rdzv_endpoint}", "--rdzv-id=llmforge"]
     else:
         cmd += ["--standalone"]
-    return [*cmd, "-m", "model.train", "--params", params_file, *overrides]
+    return [*cmd, "-m", "model.train", "--params", params_file, "--stage", stage, *overrides]
 
 
 def run_torchrun(cmd: list[str], log: Callable[[str], None], cwd: str | None = None) -> None:

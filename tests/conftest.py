@@ -301,6 +301,7 @@ def eval_fields(model_dir: Path, data: Path, out_dir: Path) -> dict:
     limits that keep a test's evaluation to seconds."""
     return dict(
         model_dir=str(model_dir),
+        chat_model_dir=None,  # the chat model's HumanEval: tests/test_cli_and_flows.py
         tokens_dir=str(data / "tokens"),
         data_card=str(data / "clean" / "card.json"),
         out_dir=str(out_dir),

@@ -66,6 +66,24 @@ def write_params(dst: Path, corpus: str) -> None:
         ckpt_every=2,
         warmup_steps=1,
     )
+    # Conversations short enough for the 32-token context (the corpus's functions are longer).
+    chat = dst / "chat.jsonl"
+    with open(chat, "w") as f:
+        for a, b in [(a, b) for a in range(7) for b in range(7)]:
+            turns = [("user", f"What is {a} plus {b}?"), ("assistant", f"{a + b}")]
+            f.write(json.dumps({"messages": [{"role": r, "content": c} for r, c in turns]}) + "\n")
+    params["finetune"].update(
+        sources=[{"uri": str(chat), "name": "sums", "license": "CC0-1.0"}],
+        seq_len=32,
+        micro_batch=4,
+        global_batch_tokens=256,
+        max_steps=4,
+        log_every=1,
+        eval_every=2,
+        eval_batches=1,
+        ckpt_every=2,
+        warmup_steps=1,
+    )
     params["evaluate"].update(
         benchmarks=["winogrande", "humaneval"],
         limits={"winogrande": 4, "humaneval": 2},
@@ -243,8 +261,22 @@ def test_dvc_repro_then_noop_and_pipeline_flow_gives_same_lock(
         "not run: a 1-shot prompt does not fit the 32-token context"
     )
     assert results["benchmarks"]["humaneval"]["n"] == 2
+    # the chat model (finetune) answers HumanEval through its template, beside the base model
+    assert results["chat"]["benchmarks"]["humaneval"]["n"] == 2
+    assert "## Base and chat model" in (a / "reports/eval/comparison.md").read_text()
+    assert (
+        json.loads((a / "models/chat/config.json").read_text())["eos_token_id"]
+        == json.loads((a / "models/chat/generation_config.json").read_text())["eos_token_id"][0]
+    )
+    sft = json.loads((a / "data/sft/index.json").read_text())
+    assert sft["summary"]["train_conversations"] + sft["summary"]["val_conversations"] == 49
     assert (a / "release/llmforge-demo-0.1.0/SHA256SUMS").exists()
     assert (a / "release/llmforge-demo-0.1.0.tar.gz").exists()
+    # the chat bundle: its template and the chat section of its card, its own GGUF files
+    chat = a / "release/llmforge-demo-chat-0.1.0"
+    assert "chat_template" in json.loads((chat / "tokenizer_config.json").read_text())
+    assert "## Chat" in (chat / "README.md").read_text()
+    assert (chat / "llmforge-demo-chat-0.1.0-f16.gguf").exists() and (chat / "SHA256SUMS").exists()
     second = dvc(a, "repro")
     assert second.returncode == 0 and "Running stage" not in second.stdout, second.stdout
     assert "up to date" in dvc(a, "status").stdout
@@ -287,6 +319,10 @@ def test_dvc_repro_then_noop_and_pipeline_flow_gives_same_lock(
         "models/train_summary.json",
         "models/train_log.jsonl",
         "models/ckpt",
+        "metrics/finetune.json",
+        "models/chat_summary.json",
+        "models/chat_log.jsonl",
+        "models/chat_ckpt",
         "release",
     }
     outs_a, outs_b = lock_outs(a), lock_outs(b)
@@ -307,12 +343,17 @@ def test_dvc_repro_then_noop_and_pipeline_flow_gives_same_lock(
 
     mlflow.set_tracking_uri(mlflow_sqlite)
     runs = mlflow.search_runs(experiment_names=["llmforge"])
+    # base and chat: two registered models, each with its champion
+    client = mlflow.tracking.MlflowClient()
+    for name in ("llmforge", "llmforge-chat"):
+        assert client.get_model_version_by_alias(name, "champion").tags["gate"] == "passed"
     parents = runs[runs["tags.llmforge.kind"] == "pipeline"]
     children = runs[runs["tags.mlflow.parentRunId"].isin(parents["run_id"])]
     assert len(parents) == 2 and set(children["tags.llmforge.stage"]) == {
         "ingest",
         "tokenize",
         "train",
+        "finetune",
         "evaluate",
         "release",
     }

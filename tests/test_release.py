@@ -57,6 +57,7 @@ def params(root: Path, data: Path, out: str, **release):
         eval_dir=str(root / "eval"),
         data_card=str(data / "clean" / "card.json"),
         train_summary=str(root / "t" / "train_summary.json"),
+        chat_model_dir=None,  # the chat bundle: tests/test_cli_and_flows.py (the whole pipeline)
         out_dir=out,
     )
     raw["release"].update({**defaults, **release})
@@ -220,9 +221,10 @@ def test_registry_has_version_and_aliases_on_a_server(inputs, tmp_path, mlflow_s
         manifest["evaluation"]["humaneval_bpb"], rel=1e-3
     )
     source = client.get_model_version_by_alias("llmforge", "candidate").source
-    assert source.endswith("/bundle")
+    assert source.endswith(f"/bundles/{bundle.name}")
     assert "SHA256SUMS" in {
-        a.path.split("/")[-1] for a in client.list_artifacts(info_run_id(client, info), "bundle")
+        a.path.split("/")[-1]
+        for a in client.list_artifacts(info_run_id(client, info), f"bundles/{bundle.name}")
     }
     with mlflow.start_run() as run:
         failed = {**manifest, "gate": {"passed": False, "reasons": ["mmlu below 30"]}}
