@@ -267,8 +267,10 @@ def chat_card_section(cfg, inputs: dict) -> list[str]:
         "",
         "```python",
         'msgs = [{"role": "user", "content": "Complete this Python function:\\n\\ndef add(a, b):"}]',
-        "ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors='pt')",
-        "out = model.generate(ids, max_new_tokens=128)",
+        "inputs = tok.apply_chat_template(",
+        '    msgs, add_generation_prompt=True, return_dict=True, return_tensors="pt"',
+        ")",
+        "out = model.generate(**inputs, max_new_tokens=128)  # stops at <|end|>",
         "```",
         "",
         f"vLLM serves it with no extra flags: `vllm serve {folder}` answers "
