@@ -164,7 +164,9 @@ def key_figure(stage: str, out) -> str:
             gate = "passed" if out["gate"]["passed"] else "FAILED"
             return f"gate {gate}"
         if stage == "release":
-            return out["bundle"]
+            return out["bundle"] + (
+                f" + {Path(out['chat']['bundle']).name}" if "chat" in out else ""
+            )
     except (KeyError, TypeError):
         return ""
     return ""
