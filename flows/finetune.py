@@ -5,8 +5,6 @@ model (models/chat), launched with torchrun through the train stage's trainer
 from __future__ import annotations
 
 import sys
-import tempfile
-from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
@@ -15,10 +13,9 @@ from flows.cli import run_cli
 from tasks import tracking
 from tasks.config import load_params
 from tasks.finetune import check_inputs, prepare_conversations
-from tasks.redaction import redact_text
 from tasks.runners import as_task
 from tasks.summary import markdown_table
-from tasks.train import log_to_mlflow, run_torchrun, torchrun_command
+from tasks.train import launch_and_log
 
 
 @flow(name="finetune", log_prints=True)
@@ -30,11 +27,7 @@ def finetune(params_file: str = "params.yaml", overrides: list[str] | None = Non
         import mlflow
 
         mlflow.log_dict(data.as_dict(), "conversations.json")
-        cmd = torchrun_command(cfg, params_file, overrides or [], stage="finetune")
-        log.info("launching: %s", redact_text(" ".join(cmd)))
-        as_task("torchrun", lambda: run_torchrun(cmd, log.info))
-        with tempfile.TemporaryDirectory() as tmp:
-            metrics = as_task("log-to-mlflow", lambda: log_to_mlflow(cfg, Path(tmp)))
+        metrics = launch_and_log(cfg, params_file, overrides or [], "finetune", log.info, as_task)
         metrics = {**metrics, "train_conversations": data.kept["train"]}
         mlflow.log_metric("summary/train_conversations", data.kept["train"])
         url = tracking.run_url(run, params.infra)

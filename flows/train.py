@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import sys
-import tempfile
-from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
@@ -13,10 +11,9 @@ from prefect.artifacts import create_markdown_artifact
 from flows.cli import run_cli
 from tasks import tracking
 from tasks.config import load_params
-from tasks.redaction import redact_text
 from tasks.runners import as_task
 from tasks.summary import markdown_table
-from tasks.train import check_inputs, log_to_mlflow, run_torchrun, torchrun_command
+from tasks.train import check_inputs, launch_and_log
 
 
 @flow(name="train", log_prints=True)
@@ -24,11 +21,7 @@ def train(params_file: str = "params.yaml", overrides: list[str] | None = None) 
     params = load_params(params_file, overrides or [])
     cfg, log = params.train, get_run_logger()
     with tracking.stage_run("train", params, "train") as run:
-        cmd = torchrun_command(cfg, params_file, overrides or [])
-        log.info("launching: %s", redact_text(" ".join(cmd)))
-        as_task("torchrun", lambda: run_torchrun(cmd, log.info))
-        with tempfile.TemporaryDirectory() as tmp:
-            metrics = as_task("log-to-mlflow", lambda: log_to_mlflow(cfg, Path(tmp)))
+        metrics = launch_and_log(cfg, params_file, overrides or [], "train", log.info, as_task)
         url = tracking.run_url(run, params.infra)
         create_markdown_artifact(
             key="train-summary",

@@ -33,6 +33,23 @@ class TokenLoader:
     ):
         root = Path(tokens_dir)
         self.index = read_index(root)
+        self.batch, self.seq_len, self.rank, self.world, self.seed = (
+            batch,
+            seq_len,
+            rank,
+            world,
+            seed,
+        )
+        identity = self._open(root, split)
+        self.position = 0
+        self._perm_epoch, self._perm = -1, None
+        self.fingerprint = hashlib.sha256(
+            json.dumps([self.index["tokenizer_sha256"], identity, seq_len, seed]).encode()
+        ).hexdigest()[:16]
+
+    def _open(self, root: Path, split: str) -> object:
+        """Map the split's data and set ``total`` and ``n_windows``; return what identifies the
+        data in the fingerprint (here the shard list)."""
         dtype = np.dtype(self.index["dtype"])
         shards = [s for s in self.index["splits"][split]["shards"] if s["tokens"] > 0]
         self.arrays = [np.memmap(root / s["path"], dtype=dtype, mode="r") for s in shards]
@@ -43,30 +60,13 @@ class TokenLoader:
                 )
         self.offsets = np.cumsum([0] + [len(a) for a in self.arrays])
         self.total = int(self.offsets[-1])
-        self.batch, self.seq_len, self.rank, self.world, self.seed = (
-            batch,
-            seq_len,
-            rank,
-            world,
-            seed,
-        )
-        self.n_windows = (self.total - 1) // seq_len
+        self.n_windows = (self.total - 1) // self.seq_len
         if self.n_windows < 1:
             raise DataMismatchError(
-                f"the {split} split has {self.total} tokens, fewer than one sequence of {seq_len + 1}"
+                f"the {split} split has {self.total} tokens, fewer than one sequence of "
+                f"{self.seq_len + 1}"
             )
-        self.position = 0
-        self._perm_epoch, self._perm = -1, None
-        self.fingerprint = hashlib.sha256(
-            json.dumps(
-                [
-                    self.index["tokenizer_sha256"],
-                    self.index["splits"][split]["shards"],
-                    seq_len,
-                    seed,
-                ]
-            ).encode()
-        ).hexdigest()[:16]
+        return self.index["splits"][split]["shards"]
 
     def _window(self, w: int) -> np.ndarray:
         start = w * self.seq_len
@@ -116,43 +116,22 @@ class ConversationLoader(TokenLoader):
     (system and user turns, role headers, padding) are -100, which the loss ignores. Rows are
     visited in the same seeded per-epoch order as token windows, so resuming is exact."""
 
-    def __init__(
-        self,
-        tokens_dir: str,
-        split: str,
-        batch: int,
-        seq_len: int,
-        rank: int = 0,
-        world: int = 1,
-        seed: int = 0,
-    ):
-        root = Path(tokens_dir)
-        self.index = read_index(root)
+    def _open(self, root: Path, split: str) -> object:
         entry = self.index["splits"][split]
         self.ids = np.load(root / entry["ids"], mmap_mode="r")
         self.mask = np.load(root / entry["mask"], mmap_mode="r")
-        if self.ids.shape != (entry["rows"], seq_len + 1) or self.mask.shape != self.ids.shape:
+        width = self.seq_len + 1
+        if self.ids.shape != (entry["rows"], width) or self.mask.shape != self.ids.shape:
             raise DataMismatchError(
                 f"{root / entry['ids']} holds rows of shape {self.ids.shape}, not "
-                f"({entry['rows']}, seq_len + 1 = {seq_len + 1}): prepare the conversations "
+                f"({entry['rows']}, seq_len + 1 = {width}): prepare the conversations "
                 "again with this seq_len (rerun the finetune stage)"
             )
-        self.batch, self.seq_len, self.rank, self.world, self.seed = (
-            batch,
-            seq_len,
-            rank,
-            world,
-            seed,
-        )
         self.n_windows = entry["rows"]
         if self.n_windows < 1:
             raise DataMismatchError(f"the {split} split of {root} has no conversations")
         self.total = entry["tokens"]
-        self.position = 0
-        self._perm_epoch, self._perm = -1, None
-        self.fingerprint = hashlib.sha256(
-            json.dumps([self.index["tokenizer_sha256"], entry, seq_len, seed]).encode()
-        ).hexdigest()[:16]
+        return entry
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         base = (self.position * self.world + self.rank) * self.batch

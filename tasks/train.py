@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -160,6 +161,24 @@ def failure_reason(lines: list[str], max_restarts: int) -> str:
     return (
         cause + ". Checkpoints written so far are kept: rerun the stage to resume from the last one"
     )
+
+
+def launch_and_log(
+    cfg: TrainConfig,
+    params_file: str,
+    overrides: list[str],
+    stage: str,
+    log: Callable[[str], None],
+    step: Callable,
+) -> dict:
+    """What the train and finetune flows share: torchrun with ``model.train --stage <stage>``,
+    then the run's step metrics, loss curve and summary to MLflow; ``step(name, fn)`` makes each
+    a Prefect task run. Returns the run's summary figures."""
+    cmd = torchrun_command(cfg, params_file, overrides, stage)
+    log(f"launching: {redact_text(' '.join(cmd))}")
+    step("torchrun", lambda: run_torchrun(cmd, log))
+    with tempfile.TemporaryDirectory() as tmp:
+        return step("log-to-mlflow", lambda: log_to_mlflow(cfg, Path(tmp)))
 
 
 def check_inputs(cfg: TrainConfig) -> None:

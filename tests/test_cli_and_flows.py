@@ -54,8 +54,8 @@ def write_params(dst: Path, corpus: str) -> None:
     params["tokenize"]["vocab_size"] = 512
     # A few held-out documents, so the eval gate can measure.
     params["tokenize"]["val_fraction"] = 0.3
-    params["train"].update(
-        preset="debug",
+    # one tiny run shape for training and fine-tuning (a 32-token context)
+    run = dict(
         seq_len=32,
         micro_batch=4,
         global_batch_tokens=256,
@@ -66,6 +66,7 @@ def write_params(dst: Path, corpus: str) -> None:
         ckpt_every=2,
         warmup_steps=1,
     )
+    params["train"].update(preset="debug", **run)
     # Conversations short enough for the 32-token context (the corpus's functions are longer).
     chat = dst / "chat.jsonl"
     with open(chat, "w") as f:
@@ -73,16 +74,7 @@ def write_params(dst: Path, corpus: str) -> None:
             turns = [("user", f"What is {a} plus {b}?"), ("assistant", f"{a + b}")]
             f.write(json.dumps({"messages": [{"role": r, "content": c} for r, c in turns]}) + "\n")
     params["finetune"].update(
-        sources=[{"uri": str(chat), "name": "sums", "license": "CC0-1.0"}],
-        seq_len=32,
-        micro_batch=4,
-        global_batch_tokens=256,
-        max_steps=4,
-        log_every=1,
-        eval_every=2,
-        eval_batches=1,
-        ckpt_every=2,
-        warmup_steps=1,
+        sources=[{"uri": str(chat), "name": "sums", "license": "CC0-1.0"}], **run
     )
     params["evaluate"].update(
         benchmarks=["winogrande", "humaneval"],
