@@ -26,7 +26,7 @@ from datasketch.minhash import _fmix
 from tasks.runners import MapFn, serial_map
 
 _P = np.uint64(0x100000001B3)  # FNV-64 prime: odd, so the rolling hash mixes every position
-_BLOCK = 2048
+_BLOCK = 8192
 
 
 _WORD_BYTE = np.zeros(256, dtype=bool)
@@ -36,28 +36,58 @@ _WORD_BYTE[0x80:] = True  # UTF-8 lead and continuation bytes: non-ASCII letters
 _PINV = np.uint64(pow(int(_P), -1, 1 << 64))
 
 
-def token_hashes(text: str) -> np.ndarray:
-    """A 64-bit hash of every word (runs of ASCII letters, digits, ``_`` or non-ASCII characters,
-    ASCII-lower-cased), computed without a Python loop: the polynomial hash of a word is read off
-    prefix sums of ``byte * P^-i`` (P is odd, so invertible modulo 2^64). Stable across processes.
-    """
-    b = np.frombuffer(text.encode("utf-8", "surrogatepass").lower(), dtype=np.uint8)
-    if len(b) == 0:
-        return np.empty(0, dtype=np.uint64)
+def word_spans(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Start and (exclusive) end offsets of the words of lower-cased UTF-8 bytes ``b``."""
     word = _WORD_BYTE[b]
     edges = np.diff(word.astype(np.int8), prepend=np.int8(0), append=np.int8(0))
-    starts = np.flatnonzero(edges == 1)
-    ends = np.flatnonzero(edges == -1)  # exclusive
-    if len(starts) == 0:
-        return np.empty(0, dtype=np.uint64)
+    return np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+
+
+def _power_table(base: np.uint64, n: int) -> np.ndarray:
     with np.errstate(over="ignore"):
-        pinv_pow = np.cumprod(np.full(len(b), _PINV, dtype=np.uint64))  # P^-(i+1)
-        p_pow = np.cumprod(np.full(len(b), _P, dtype=np.uint64))  # P^(i+1)
+        return np.cumprod(np.full(n, base, dtype=np.uint64))  # base^(i+1)
+
+
+_TABLE = 1 << 20  # powers for texts up to 1 MB are computed once per process (16 MB)
+_POWERS: list[np.ndarray] = []
+
+
+def _powers(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """``P^-(i+1)`` and ``P^(i+1)`` for ``i < n``."""
+    if n > _TABLE:
+        return _power_table(_PINV, n), _power_table(_P, n)
+    if not _POWERS:
+        _POWERS.extend((_power_table(_PINV, _TABLE), _power_table(_P, _TABLE)))
+    return _POWERS[0][:n], _POWERS[1][:n]
+
+
+def span_hashes(b: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """The 64-bit hash of each span of ``b``: the polynomial hash of a word is read off prefix
+    sums of ``byte * P^-i`` (P is odd, so invertible modulo 2^64), so it does not depend on where
+    the word sits."""
+    pinv_pow, p_pow = _powers(len(b))
+    with np.errstate(over="ignore"):
         prefix = np.concatenate(
             ([np.uint64(0)], np.cumsum((b.astype(np.uint64) + np.uint64(1)) * pinv_pow))
         )
         # sum_{i in [s, e)} (b_i + 1) * P^-(i+1), scaled by P^e: the word's hash, independent of s.
         return (prefix[ends] - prefix[starts]) * p_pow[ends - 1]
+
+
+def text_bytes(text: str) -> np.ndarray:
+    return np.frombuffer(text.encode("utf-8", "surrogatepass").lower(), dtype=np.uint8)
+
+
+def token_hashes(text: str) -> np.ndarray:
+    """A 64-bit hash of every word (runs of ASCII letters, digits, ``_`` or non-ASCII characters,
+    ASCII-lower-cased), computed without a Python loop. Stable across processes."""
+    b = text_bytes(text)
+    if len(b) == 0:
+        return np.empty(0, dtype=np.uint64)
+    starts, ends = word_spans(b)
+    if len(starts) == 0:
+        return np.empty(0, dtype=np.uint64)
+    return span_hashes(b, starts, ends)
 
 
 def ngram_hashes(tok: np.ndarray, n: int) -> np.ndarray:
@@ -79,16 +109,27 @@ def minhash_permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarr
     return MinHash(num_perm=num_perm, seed=seed, scheme=SCHEME).permutations
 
 
+def unique_sorted(x: np.ndarray) -> np.ndarray:
+    """``np.unique`` by sorting: several times faster than its hash table on integer arrays."""
+    x = np.sort(x)
+    return x[np.concatenate(([True], x[1:] != x[:-1]))] if len(x) else x
+
+
 def signature(shingles: np.ndarray, perms: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
     """MinHash signature of the shingle hashes (low 32 bits), equal to datasketch's
-    ``MinHash(scheme="affine32").update_batch`` on them, computed in blocks."""
+    ``MinHash(scheme="affine32").update_batch`` on them. Computed in blocks of one buffer laid out
+    permutation by permutation, so each minimum runs along contiguous memory; uint32 arithmetic
+    wraps, which is the scheme's modulo 2^32."""
     a, b = perms
     sig = np.full(len(a), np.iinfo(np.uint32).max, dtype=np.uint32)
-    hv = _fmix(np.unique(shingles.astype(np.uint32)), 32)
-    with np.errstate(over="ignore"):
-        for i in range(0, len(hv), _BLOCK):
-            phv = hv[i : i + _BLOCK, None] * a + b
-            np.minimum(sig, phv.min(axis=0), out=sig)
+    hv = _fmix(unique_sorted(shingles.astype(np.uint32)), 32)
+    buf = np.empty((len(a), min(len(hv), _BLOCK)), dtype=np.uint32)
+    for i in range(0, len(hv), _BLOCK):
+        block = hv[i : i + _BLOCK]
+        out = buf[:, : len(block)]
+        np.multiply(a[:, None], block[None, :], out=out)
+        np.add(out, b[:, None], out=out)
+        np.minimum(sig, out.min(axis=1), out=sig)
     return sig
 
 

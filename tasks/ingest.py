@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from tasks import filters
 from tasks.config import DataConfig
-from tasks.decontam import benchmark_index
+from tasks.decontam import NgramIndex, benchmark_index, build_benchmark_index, load_index
 from tasks.dedup import deduplicate, doc_signature, minhash_permutations, ngram_hashes, token_hashes
 from tasks.normalize import DecodeError, decode, normalize_text
 from tasks.runners import MapFn, serial_map
@@ -82,28 +82,47 @@ class ShardResult:
 
 
 def plan_shards(cfg: DataConfig, s3: S3Settings | None = None) -> list[list[Item]]:
-    """Discover every input and cut the list into shards of ``shard_docs`` items."""
+    """Discover every input and cut the list, in order, into shards of at most ``shard_docs``
+    items and (unless one item is larger) ``shard_bytes`` bytes."""
     items = discover(cfg, s3)
     if not items:
         raise IngestError("the sources hold no input at all; check data.sources")
-    return [items[i : i + cfg.shard_docs] for i in range(0, len(items), cfg.shard_docs)]
+    shards: list[list[Item]] = [[]]
+    size = 0
+    for item in items:
+        if shards[-1] and (len(shards[-1]) >= cfg.shard_docs or size + item.size > cfg.shard_bytes):
+            shards.append([])
+            size = 0
+        shards[-1].append(item)
+        size += item.size
+    return shards
 
 
 def doc_id(source_label: str, uri: str) -> str:
     return hashlib.sha256(f"{source_label}\0{uri}".encode()).hexdigest()[:24]
 
 
+def decontam_index(cfg: DataConfig, index_dir: str | None = None) -> NgramIndex | None:
+    """The benchmark n-gram index: memory-mapped from ``index_dir`` where the run saved it once,
+    else built here."""
+    if not cfg.decontam_benchmarks:
+        return None
+    if index_dir:
+        return load_index(index_dir)
+    return benchmark_index(tuple(cfg.decontam_benchmarks), cfg.decontam_ngram)
+
+
 def process_shard(
-    items: list[Item], cfg: DataConfig, stage_file: str, s3: S3Settings | None = None
+    items: list[Item],
+    cfg: DataConfig,
+    stage_file: str,
+    s3: S3Settings | None = None,
+    index_dir: str | None = None,
 ) -> ShardResult:
     """Clean one shard's items; write the kept documents to ``stage_file`` and return everything
     else (metadata, signatures, counts, quarantine and contamination rows)."""
     perms = minhash_permutations(cfg.minhash_perm, cfg.seed)
-    index = (
-        benchmark_index(tuple(cfg.decontam_benchmarks), cfg.decontam_ngram)
-        if cfg.decontam_benchmarks
-        else None
-    )
+    index = decontam_index(cfg, index_dir)
     res = ShardResult(stage_file, [], [], {}, [], [], dict.fromkeys(STEPS, 0.0))
     texts: list[str] = []
     t = res.seconds
@@ -205,12 +224,14 @@ def plan_parts(
     return parts, sizes
 
 
-def write_part(segments: list, path: str) -> str:
-    """One output part from its staged segments (reads only the shards it needs)."""
-    tables = [pq.read_table(f, schema=SCHEMA).take(rows) for f, rows in segments]
-    table = pa.concat_tables(tables).combine_chunks()
-    pq.write_table(table, path, compression="zstd")
-    return Path(path).name
+def write_parts(parts: list[tuple[list, str]]) -> list[str]:
+    """Output parts, each ``(segments, path)``, from their staged segments (reading only the
+    shards they need). One task writes several parts: a task costs more than a part."""
+    for segments, path in parts:
+        tables = [pq.read_table(f, schema=SCHEMA).take(rows) for f, rows in segments]
+        table = pa.concat_tables(tables).combine_chunks()
+        pq.write_table(table, path, compression="zstd")
+    return [Path(path).name for _, path in parts]
 
 
 def _docs_read(result: ShardResult) -> int:
@@ -232,12 +253,18 @@ def run_ingest(
     log(f"{sum(map(len, shards))} input item(s) in {len(shards)} shard(s)")
     out = Path(out_dir or cfg.out_dir)
     with scratch_dir(out.with_name(f"{out.name}-staging")) as staging:
+        index_dir = None
+        if cfg.decontam_benchmarks:  # built once, not kept here; the workers memory-map it
+            index = build_benchmark_index(tuple(cfg.decontam_benchmarks), cfg.decontam_ngram)
+            index_dir = index.save(staging / "decontam-index")
+            del index
         jobs = [
             {
                 "items": s,
                 "cfg": cfg,
                 "s3": s3,
                 "stage_file": str(staging / f"shard-{i:05d}.parquet"),
+                "index_dir": index_dir,
             }
             for i, s in enumerate(shards)
         ]
@@ -296,10 +323,17 @@ def finalize(
     out = Path(out_dir or cfg.out_dir)
     with atomic_dir(out) as tmp:
         parts, sizes = plan_parts(kept_at, cfg.part_max_bytes)
+        paths = [str(tmp / f"part-{i:05d}.parquet") for i in range(len(parts))]
+        per = -(-len(parts) // (2 * cfg.workers))  # about two tasks per worker
+        groups = range(0, len(parts), per)
         jobs = [
-            {"segments": p, "path": str(tmp / f"part-{i:05d}.parquet")} for i, p in enumerate(parts)
+            {"parts": list(zip(parts[i : i + per], paths[i : i + per], strict=True))}
+            for i in groups
         ]
-        card["parts"] = map_fn(write_part, jobs, "ingest: write parts", sizes)
+        names = map_fn(
+            write_parts, jobs, "ingest: write parts", [sum(sizes[i : i + per]) for i in groups]
+        )
+        card["parts"] = [name for group in names for name in group]
         (tmp / "card.json").write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
         with open(tmp / "quarantine.jsonl", "w") as f:
             for q in quarantine:

@@ -15,6 +15,7 @@ import unicodedata
 _COOKIE = re.compile(rb"^[ \t\f]*#.*?coding[:=][ \t]*([-\w.]+)", re.MULTILINE)
 # C0 controls except \t and \n, DEL, and C1 controls. \r is handled by newline normalisation.
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x0c\x0e-\x1f\x7f\x80-\x9f]")
+_ASCII_CONTROL = bytes(c for c in range(128) if _CONTROL.match(chr(c)))
 
 
 class DecodeError(ValueError):
@@ -67,4 +68,8 @@ def normalize_text(text: str, form: str = "NFC") -> str:
         text = unicodedata.normalize(form, text)
     if "\r" in text:
         text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if text.isascii():  # bytes.translate finds them in C, far faster than the regex
+        data = text.encode("ascii")
+        if len(data.translate(None, _ASCII_CONTROL)) == len(data):
+            return text
     return _CONTROL.sub("", text)

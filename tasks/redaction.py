@@ -22,8 +22,12 @@ SECRET_KEY = re.compile(
     re.I,
 )
 
-# (kind, literal that every match contains in lower case, pattern, replacement). The literal is
-# checked first (fast), so a pattern only scans the lines that can match it.
+# (kind, literal that every match contains in lower case, pattern, replacement). Every pattern is
+# applied to the whole text, and only when its literal occurs in it. None matches across a line
+# break except the private key block. The token patterns begin with their literal prefix and check
+# the word boundary behind it (``gh(?<=\bgh)`` is ``\bgh``): a pattern that starts with a literal
+# lets the regex engine skip ahead by fast substring search instead of trying every position, about
+# 40 times faster on code.
 PATTERNS: tuple[tuple[str, str, re.Pattern[str], str], ...] = (
     (
         "private_key",
@@ -31,18 +35,38 @@ PATTERNS: tuple[tuple[str, str, re.Pattern[str], str], ...] = (
         re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----[\s\S]*?-----END [A-Z ]*PRIVATE KEY-----"),
         "<PRIVATE_KEY>",
     ),
-    ("aws_access_key", "a", re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"), "<AWS_ACCESS_KEY_ID>"),
+    (
+        "aws_access_key",
+        "a",
+        re.compile(r"A(?<=\bA)(?:KI|SI)A[0-9A-Z]{16}\b"),
+        "<AWS_ACCESS_KEY_ID>",
+    ),
     (
         "aws_secret_key",
         "_access_key",
-        re.compile(r"(?i)(aws_secret_access_key\s*[=:]\s*['\"]?)[A-Za-z0-9/+=]{40}"),
+        re.compile(r"(?i)(aws_secret_access_key[^\S\n]*[=:][^\S\n]*['\"]?)[A-Za-z0-9/+=]{40}"),
         r"\1<AWS_SECRET_ACCESS_KEY>",
     ),
-    ("github_token", "gh", re.compile(r"\bgh[pousr]_[A-Za-z0-9]{36,}\b"), "<GITHUB_TOKEN>"),
-    ("slack_token", "xox", re.compile(r"\bxox[abprs]-[A-Za-z0-9-]{10,}\b"), "<SLACK_TOKEN>"),
-    ("google_api_key", "aiza", re.compile(r"\bAIza[0-9A-Za-z_-]{35}\b"), "<GOOGLE_API_KEY>"),
-    ("hf_token", "hf_", re.compile(r"\bhf_[A-Za-z0-9]{30,}\b"), "<HF_TOKEN>"),
-    ("openai_key", "sk-", re.compile(r"\bsk-(?:proj-)?[A-Za-z0-9_-]{20,}\b"), "<OPENAI_API_KEY>"),
+    ("github_token", "gh", re.compile(r"gh(?<=\bgh)[pousr]_[A-Za-z0-9]{36,}\b"), "<GITHUB_TOKEN>"),
+    (
+        "slack_token",
+        "xox",
+        re.compile(r"xox(?<=\bxox)[abprs]-[A-Za-z0-9-]{10,}\b"),
+        "<SLACK_TOKEN>",
+    ),
+    (
+        "google_api_key",
+        "aiza",
+        re.compile(r"AIza(?<=\bAIza)[0-9A-Za-z_-]{35}\b"),
+        "<GOOGLE_API_KEY>",
+    ),
+    ("hf_token", "hf_", re.compile(r"hf_(?<=\bhf_)[A-Za-z0-9]{30,}\b"), "<HF_TOKEN>"),
+    (
+        "openai_key",
+        "sk-",
+        re.compile(r"sk-(?<=\bsk-)(?:proj-)?[A-Za-z0-9_-]{20,}\b"),
+        "<OPENAI_API_KEY>",
+    ),
     (
         "url_credentials",
         "://",
@@ -87,29 +111,17 @@ def _secret_env_values() -> list[str]:
     return sorted(values, key=len, reverse=True)
 
 
-def on_lines(text: str, literal: str, fn) -> tuple[str, int]:
-    """Apply ``fn(line) -> (line, n)`` only to the lines containing ``literal`` (any case)."""
-    if literal not in text.lower():
-        return text, 0
-    lines = text.split("\n")
-    total = 0
-    for i, line in enumerate(lines):
-        if literal in line.lower():
-            lines[i], n = fn(line)
-            total += n
-    return ("\n".join(lines), total) if total else (text, 0)
-
-
 def replace_patterns(text: str) -> tuple[str, dict[str, int]]:
     """Every credential-shaped value replaced by its placeholder, with counts by kind."""
     counts: dict[str, int] = {}
+    lower = text.lower()
     for kind, literal, pattern, repl in PATTERNS:
-        if kind == "private_key":  # spans lines; its literal makes the scan fast
-            text, n = pattern.subn(repl, text) if literal in text.lower() else (text, 0)
-        else:
-            text, n = on_lines(text, literal, lambda line, p=pattern, r=repl: p.subn(r, line))
+        if literal not in lower:
+            continue
+        text, n = pattern.subn(repl, text)
         if n:
-            counts[kind] = counts.get(kind, 0) + n
+            counts[kind] = n
+            lower = text.lower()
     return text, counts
 
 

@@ -12,13 +12,16 @@ import re
 from collections import Counter
 
 from tasks.config import DataConfig
-from tasks.redaction import on_lines, replace_patterns
+from tasks.redaction import replace_patterns
 
 EMAIL = re.compile(
     r"(?<![\w.+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b"
 )
 # Candidates only; ipaddress validates (octets <= 255) and keeps private/loopback ones.
 IPV4 = re.compile(r"\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}")
+# Every IPv4 candidate contains this; it starts with a literal, so the regex engine finds it by fast
+# substring search, and most files (which have none) skip the full pattern, tried at every digit.
+_IPV4_GATE = re.compile(r"\.\d{1,3}\.\d{1,3}\.")
 
 
 def _public_ip(text: str) -> bool:
@@ -34,13 +37,27 @@ def _public_ip(text: str) -> bool:
     )
 
 
+def _emails(text: str) -> tuple[str, int]:
+    """E-mail addresses replaced, scanning only the lines that contain an ``@``: the pattern starts
+    with a character class, so over a whole file it would be tried at every position."""
+    if "@" not in text:
+        return text, 0
+    lines = text.split("\n")
+    total = 0
+    for i, line in enumerate(lines):
+        if "@" in line:
+            lines[i], n = EMAIL.subn("<EMAIL>", line)
+            total += n
+    return ("\n".join(lines), total) if total else (text, 0)
+
+
 def scrub(text: str, cfg: DataConfig) -> tuple[str, Counter]:
     counts: Counter = Counter()
     if cfg.scrub_secrets:
         text, found = replace_patterns(text)
         counts.update(found)
     if cfg.scrub_emails:
-        text, n = on_lines(text, "@", lambda line: EMAIL.subn("<EMAIL>", line))
+        text, n = _emails(text)
         if n:
             counts["email"] += n
     if cfg.scrub_ips:
@@ -63,5 +80,6 @@ def scrub(text: str, cfg: DataConfig) -> tuple[str, Counter]:
                 return "<IP_ADDRESS>"
             return s
 
-        text = IPV4.sub(_ip, text)
+        if _IPV4_GATE.search(text):
+            text = IPV4.sub(_ip, text)
     return text, counts
