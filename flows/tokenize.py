@@ -5,13 +5,13 @@ from __future__ import annotations
 import sys
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_table_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.cli import run_cli
 from tasks import tracking
 from tasks.config import load_params
 from tasks.runners import task_map, task_runner
-from tasks.tokenize import run_tokenize
+from tasks.tokenize import mixture_table, run_tokenize
 
 
 @flow(name="tokenize", log_prints=True)
@@ -38,6 +38,12 @@ def tokenize(params_file: str = "params.yaml", overrides: list[str] | None = Non
         create_table_artifact(
             key="tokenize-stats", table=rows, description="Tokenizer and token-shard statistics"
         )
+        if summary.index.get("mixture"):
+            create_markdown_artifact(
+                key="tokenize-mixture",
+                markdown="\n".join(mixture_table(summary.index["mixture"])),
+                description="Training mixture: target and realised token shares per source",
+            )
         m = summary.metrics
         log.info(
             "tokenize: %d train / %d val tokens, %.2f bytes/token, vocab usage %.1f%%; MLflow: %s",

@@ -6,11 +6,11 @@ Signatures use datasketch's own permutations and its update formula, computed in
 document never builds a huge matrix.
 
 Near duplicates are found by LSH banding as distributable steps: each band (datasketch's optimal
-bands and rows for the threshold) buckets the documents by their signature slice and yields the
-pairs that share a bucket (one task per band: on the process pool or the Dask cluster); the pairs
-are verified (estimated Jaccard similarity at least the threshold), and one pass in the fixed
-global order keeps the first document of every group: a document is dropped when it pairs with an
-earlier kept one. That is exactly what an in-memory datasketch ``MinHashLSH`` gives when documents
+bands and rows for the threshold) buckets the documents by their signature slice and returns the
+buckets of more than one document (one task per band: on the process pool or the Dask cluster; its
+output is linear in the documents). One pass in the fixed global order then keeps the first
+document of every group: a document is dropped when its estimated Jaccard similarity with an
+earlier *kept* member of one of its buckets reaches the threshold. That is exactly what an in-memory datasketch ``MinHashLSH`` gives when documents
 are inserted in order (tested), whatever the parallelism upstream.
 """
 
@@ -48,7 +48,7 @@ def _power_table(base: np.uint64, n: int) -> np.ndarray:
         return np.cumprod(np.full(n, base, dtype=np.uint64))  # base^(i+1)
 
 
-_TABLE = 1 << 20  # powers for texts up to 1 MB are computed once per process (16 MB)
+_TABLE = 1 << 20  # powers for pieces up to 1 MB, computed once per process (16 MB)
 _POWERS: list[np.ndarray] = []
 
 
@@ -80,14 +80,27 @@ def text_bytes(text: str) -> np.ndarray:
 
 def token_hashes(text: str) -> np.ndarray:
     """A 64-bit hash of every word (runs of ASCII letters, digits, ``_`` or non-ASCII characters,
-    ASCII-lower-cased), computed without a Python loop. Stable across processes."""
+    ASCII-lower-cased), computed without a Python loop. Stable across processes. A long text is
+    hashed in pieces of about 1 MB cut between words (a word's hash does not depend on where it
+    sits), so the 8-byte-per-byte arrays never grow with the document."""
     b = text_bytes(text)
-    if len(b) == 0:
-        return np.empty(0, dtype=np.uint64)
-    starts, ends = word_spans(b)
-    if len(starts) == 0:
-        return np.empty(0, dtype=np.uint64)
-    return span_hashes(b, starts, ends)
+    pieces = []
+    start = 0
+    while start < len(b):
+        end = min(start + _TABLE, len(b))
+        if end < len(b):
+            breaks = np.flatnonzero(~_WORD_BYTE[b[start:end]])
+            if len(breaks):  # cut after the last non-word byte
+                end = start + int(breaks[-1]) + 1
+            else:  # one word longer than a piece: take all of it
+                after = np.flatnonzero(~_WORD_BYTE[b[end:]])
+                end = end + int(after[0]) if len(after) else len(b)
+        piece = b[start:end]
+        starts, ends = word_spans(piece)
+        if len(starts):
+            pieces.append(span_hashes(piece, starts, ends))
+        start = end
+    return np.concatenate(pieces) if pieces else np.empty(0, dtype=np.uint64)
 
 
 def ngram_hashes(tok: np.ndarray, n: int) -> np.ndarray:
@@ -143,6 +156,7 @@ class DedupResult:
     keep: list[bool]
     exact_of: dict[int, int] = field(default_factory=dict)  # dropped index -> kept index
     near_of: dict[int, int] = field(default_factory=dict)
+    comparisons: int = 0  # signature pairs verified
 
     @property
     def n_exact(self) -> int:
@@ -158,21 +172,16 @@ def lsh_bands(threshold: float, num_perm: int) -> tuple[int, int]:
     return _optimal_param(threshold, num_perm, 0.5, 0.5)
 
 
-def band_pairs(band: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """Pairs ``(i, j)``, ``i < j``, of ``rows`` whose signature slices in this band are equal."""
+def band_buckets(band: np.ndarray, rows: np.ndarray) -> list[np.ndarray]:
+    """The buckets of one band that hold more than one document: each the sorted ``rows`` whose
+    signature slices in this band are equal. Linear in the documents, however large a bucket."""
     if len(rows) < 2:
-        return np.zeros((0, 2), np.int64)
+        return []
     _, bucket = np.unique(band, axis=0, return_inverse=True)
     bucket = bucket.ravel()
     order = np.argsort(bucket, kind="stable")
     cuts = np.flatnonzero(np.diff(bucket[order])) + 1
-    pairs = []
-    for group in np.split(order, cuts):
-        if len(group) > 1:
-            members = np.sort(rows[group])
-            a, b = np.triu_indices(len(members), k=1)
-            pairs.append(np.stack([members[a], members[b]], axis=1))
-    return np.concatenate(pairs) if pairs else np.zeros((0, 2), np.int64)
+    return [np.sort(rows[group]) for group in np.split(order, cuts) if len(group) > 1]
 
 
 def deduplicate(
@@ -184,7 +193,10 @@ def deduplicate(
 ) -> DedupResult:
     """Keep the first document of every exact (same sha256) or near-duplicate group, in order.
 
-    ``map_fn`` runs the band steps (serially by default; the flow passes its task runner's)."""
+    ``map_fn`` runs the band steps (serially by default; the flow passes its task runner's). Then
+    one pass in global order over the documents that share a bucket with another: each is compared
+    with the *kept* earlier members of its buckets only (ascending, the first match wins), so a
+    bucket of k copies costs about k comparisons, not k^2/2 pairs."""
     res = DedupResult(keep=[False] * len(sha256s))
     seen: dict[str, int] = {}
     unique = []
@@ -198,18 +210,33 @@ def deduplicate(
     sig = np.stack([signatures[i] for i in unique]) if unique else np.zeros((0, num_perm))
     b, r = lsh_bands(threshold, num_perm)
     jobs = [{"band": sig[:, k * r : (k + 1) * r], "rows": rows} for k in range(b)]
-    found = map_fn(band_pairs, jobs, "ingest: near-dup bands", [job["band"].nbytes for job in jobs])
-    pairs = np.unique(np.concatenate([np.zeros((0, 2), np.int64), *found]), axis=0)
-    # verify: the estimated Jaccard similarity (the share of equal signature values)
-    at = np.searchsorted(rows, pairs)  # rows is sorted: a document's row in sig
-    sim = (sig[at[:, 0]] == sig[at[:, 1]]).sum(axis=1) / num_perm
-    earlier: dict[int, list[int]] = {}
-    for i, j in pairs[sim >= threshold].tolist():
-        earlier.setdefault(j, []).append(i)
+    found = map_fn(
+        band_buckets, jobs, "ingest: near-dup bands", [job["band"].nbytes for job in jobs]
+    )
+    buckets = [members for band in found for members in band]
+    in_buckets: dict[int, list[int]] = {}
+    for k, members in enumerate(buckets):
+        for i in members.tolist():
+            in_buckets.setdefault(i, []).append(k)
+    kept_in: list[list[int]] = [[] for _ in buckets]  # each bucket's kept members so far, in order
+    row_of = {i: n for n, i in enumerate(unique)}
     for i in unique:
-        match = min((j for j in earlier.get(i, ()) if res.keep[j]), default=None)
+        ks = in_buckets.get(i)
+        if ks is None:  # shares no bucket: kept
+            res.keep[i] = True
+            continue
+        earlier = sorted({j for k in ks for j in kept_in[k]})
+        match = None
+        if earlier:
+            # verify: the estimated Jaccard similarity (the share of equal signature values)
+            sim = (sig[[row_of[j] for j in earlier]] == sig[row_of[i]]).sum(axis=1) / num_perm
+            res.comparisons += len(earlier)
+            passing = np.flatnonzero(sim >= threshold)
+            match = earlier[passing[0]] if len(passing) else None
         if match is None:
             res.keep[i] = True
+            for k in ks:
+                kept_in[k].append(i)
         else:
             res.near_of[i] = match
     return res

@@ -26,6 +26,7 @@ from tasks.config import Params, to_flat_dict
 from tasks.eval_report import PROGRESS
 from tasks.redaction import redact_text
 from tasks.storage import S3Settings, atomic_dir, download_file, is_s3, sha256_file, upload_file
+from tasks.tokenize import mixture_table
 from tasks.tracking import git_commit, redact
 
 LICENSES = Path(__file__).with_name("licenses")
@@ -303,24 +304,6 @@ def gguf_section(gguf: dict) -> list[str]:
         "```",
         "",
     ]
-
-
-def mixture_table(mixture: dict) -> list[str]:
-    """The training mixture's target and realised shares (tokenize.mixture), when one was set."""
-    if not mixture:
-        return []
-    rows = [
-        "Training mixture (share of training tokens, `tokenize.mixture`):",
-        "",
-        "| source | natural | target | realised | passes | cap |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    for s, r in mixture.items():
-        rows.append(
-            f"| {s} | {100 * r['natural_share']:.1f}% | {100 * r['target_share']:.1f}% | "
-            f"{100 * r['realised_share']:.1f}% | {r['epochs']:.2f} | {r['max_epochs'] or '-'} |"
-        )
-    return [*rows, ""]
 
 
 def data_notices(card: dict) -> str:

@@ -438,6 +438,25 @@ def assign_copies(results: list[PartResult], mixture: dict) -> tuple[list[np.nda
     return np.split(copies, cuts), report
 
 
+def mixture_table(mixture: dict) -> list[str]:
+    """The training mixture's target and realised shares (tokenize.mixture), when one was set: the model card's
+    and the tokenize run's Prefect artifact."""
+    if not mixture:
+        return []
+    rows = [
+        "Training mixture (share of training tokens, `tokenize.mixture`):",
+        "",
+        "| source | natural | target | realised | passes | cap |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for s, r in mixture.items():
+        rows.append(
+            f"| {s} | {100 * r['natural_share']:.1f}% | {100 * r['target_share']:.1f}% | "
+            f"{100 * r['realised_share']:.1f}% | {r['epochs']:.2f} | {r['max_epochs'] or '-'} |"
+        )
+    return [*rows, ""]
+
+
 def mix_part(path: str, lengths: np.ndarray, copies: np.ndarray, dtype: str) -> int:
     """Rewrite one part's train tokens as the mixture asks: pass k holds, in order, the documents
     with at least k copies (the loader visits windows in a shuffled order anyway)."""

@@ -151,3 +151,44 @@ def test_banded_lsh_on_a_task_runner_equals_in_memory_lsh(prefect_server):
     assert res.exact_of == exact and res.near_of == near
     assert res.keep == [i not in exact and i not in near for i in range(len(docs))]
     assert deduplicate(shas, sigs, 0.8, 128).near_of == near  # serially, the same
+
+
+def test_a_huge_bucket_costs_linear_comparisons_and_matches_in_memory_lsh():
+    """1,500 copies of one document, each with one word changed, share their buckets. Pairs per
+    bucket would be 1.1 million per band; comparing each document only with the kept earlier
+    members of its buckets costs about one comparison per document, and keeps and drops exactly
+    what datasketch's in-memory index does."""
+    import hashlib
+
+    rng = random.Random(5)
+    base = _doc(rng, 300).split()
+    docs = []
+    for k in range(1500):
+        v = list(base)
+        v[rng.randrange(len(v))] = f"word{k}"
+        docs.append(" ".join(v))
+    docs += [_doc(rng, 300) for _ in range(20)]  # unrelated documents stay
+    perms = minhash_permutations(128, 1)
+    sigs = [doc_signature(token_hashes(d), 5, perms) for d in docs]
+    shas = [hashlib.sha256(d.encode()).hexdigest() for d in docs]
+    res = deduplicate(shas, sigs, 0.8, 128)
+    exact, near = in_memory_reference(shas, sigs, 0.8, 128, 1)
+    assert res.exact_of == exact and res.near_of == near
+    assert res.n_near >= 1490 and all(res.keep[1500:])
+    assert res.comparisons < 3 * len(docs), res.comparisons
+
+
+def test_token_hashes_of_a_long_text_equal_one_pass_over_it():
+    """Texts over 1 MB are hashed in pieces cut between words, one word longer than a piece
+    included: every hash equals the single pass over the whole text."""
+    import numpy as np
+
+    from tasks.dedup import span_hashes, text_bytes, word_spans
+
+    rng = random.Random(3)
+    words = [rng.choice(["alpha", "Beta_2", "γάμμα", "x", "delta99"]) for _ in range(400_000)]
+    text = " ".join(words[:200_000]) + " " + "z" * 1_500_000 + "\n" + " ".join(words[200_000:])
+    b = text_bytes(text)
+    whole = span_hashes(b, *word_spans(b))
+    assert len(b) > 3_000_000 and len(whole) == 400_001
+    assert np.array_equal(token_hashes(text), whole)

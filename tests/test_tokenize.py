@@ -316,7 +316,7 @@ def test_weighted_mixture_realises_its_shares_within_the_cap(two_sources):
     )
     assert set(np.unique(mixed_train)) <= set(np.unique(plain_train))
     # what the model card prints, and what MLflow gets
-    from tasks.release import mixture_table
+    from tasks.tokenize import mixture_table
 
     card = "\n".join(mixture_table(m))
     g = m["generated"]
