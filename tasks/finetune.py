@@ -103,7 +103,7 @@ def read_conversations(
     if src.uri == "corpus":
         yield from corpus_conversations(params)
         return
-    for item in source_items(idx, src, s3, params.data.shard_docs, structured=True):
+    for item in source_items(idx, src, s3, structured=True):
         for raw in read_item(item, src, params.data, s3, structured=True):
             yield raw.uri, (raw.reason if isinstance(raw, Bad) else raw.data)
 

@@ -266,7 +266,7 @@ def _hf_items(idx: int, src: SourceConfig, batch: int, structured: bool = False)
         raise SourceError(
             f"source {src.uri!r}: cannot load the dataset ({type(exc).__name__}: {exc}).{hint}"
         ) from exc
-    items, records = [], []
+    items, records, size = [], [], 0
     base = f"{src.uri}/{src.hf_config or 'default'}/{src.split}"
     for i, row in enumerate(ds):
         if src.max_docs is not None and i >= src.max_docs:
@@ -274,18 +274,20 @@ def _hf_items(idx: int, src: SourceConfig, batch: int, structured: bool = False)
         value = row.get(src.text_field)
         ok = isinstance(value, list) if structured else isinstance(value, str)
         records.append((f"{base}#{i}", value if ok else None))
+        size += len(value) if isinstance(value, str) else 0  # characters: near enough for shards
         if len(records) == batch:
-            items.append(Item(idx, base, records=tuple(records)))
-            records = []
+            items.append(Item(idx, base, size=size, records=tuple(records)))
+            records, size = [], 0
     if records:
-        items.append(Item(idx, base, records=tuple(records)))
+        items.append(Item(idx, base, size=size, records=tuple(records)))
     return items
 
 
 def source_items(
-    idx: int, src: SourceConfig, s3: S3Settings | None, batch: int, structured: bool = False
+    idx: int, src: SourceConfig, s3: S3Settings | None, batch: int = 200, structured: bool = False
 ) -> list[Item]:
-    """The items of one source, in path order (``structured``: Hub records keep list values)."""
+    """The items of one source, in path order (``structured``: Hub records keep list values;
+    ``batch``: Hub records per item)."""
     if src.uri == "stdlib":
         found = _stdlib_items(idx)
     elif is_s3(src.uri):
@@ -301,7 +303,7 @@ def discover(cfg: DataConfig, s3: S3Settings | None = None) -> list[Item]:
     """Every item of every source, in a fixed order (source order, then path order)."""
     items: list[Item] = []
     for idx, src in enumerate(cfg.sources):
-        items.extend(source_items(idx, src, s3, cfg.shard_docs))
+        items.extend(source_items(idx, src, s3))
     return items
 
 

@@ -90,6 +90,12 @@ def test_output_independent_of_sharding(corpus, tmp_path):
     assert names == sorted(p.name for p in c.iterdir())
     for name in names:
         assert (a / name).read_bytes() == (c / name).read_bytes(), name
+    by_bytes = cfg_for(root, tmp_path, shard_bytes=2000, part_max_bytes=1500)
+    shards = plan_shards(by_bytes)
+    assert len(shards) > 3 and all(sum(i.size for i in s) <= 2000 or len(s) == 1 for s in shards)
+    run(by_bytes, c)  # shards closed by size: the same bytes again
+    for name in names:
+        assert (a / name).read_bytes() == (c / name).read_bytes(), name
     run(cfg_for(root, tmp_path, shard_docs=100, part_max_bytes=10**9), b)
     ta = [r for p in sorted(a.glob("part-*.parquet")) for r in pq.read_table(p).to_pylist()]
     tb = [r for p in sorted(b.glob("part-*.parquet")) for r in pq.read_table(p).to_pylist()]
@@ -230,6 +236,9 @@ def test_hf_local_dataset_streams(tmp_path):
     )
     summary = run(cfg, tmp_path / "out")
     assert summary.metrics["docs_out"] == 3
+    # Hub records come in items that carry their size, so shards close by bytes for them too
+    (item,) = plan_shards(cfg)[0]
+    assert len(item.records) == 3 and item.size == sum(len(t) for _, t in item.records)
 
 
 def test_hf_unavailable_offline_fails_fast(tmp_path, monkeypatch):
