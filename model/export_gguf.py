@@ -33,6 +33,10 @@ class GGUFError(RuntimeError):
     pass
 
 
+class NoPreTokenizer(GGUFError):
+    """llama.cpp has no pre-tokenizer for the tokenizer's split pattern: no GGUF can be written."""
+
+
 def _split_pattern(tokenizer: dict) -> str | None:
     pre = tokenizer.get("pre_tokenizer") or {}
     for p in pre.get("pretokenizers", [pre]):
@@ -45,7 +49,7 @@ def gguf_pre_tokenizer(tokenizer: dict) -> str:
     """llama.cpp's name for our pre-tokenizer, or GGUFError saying why there is none."""
     pattern = _split_pattern(tokenizer)
     if pattern not in LLAMA_BPE_PATTERNS:
-        raise GGUFError(
+        raise NoPreTokenizer(
             "the tokenizer's split pattern has no llama.cpp pre-tokenizer (only the default "
             "tokenize.split_pattern maps to llama-bpe); no GGUF was written"
         )

@@ -324,8 +324,8 @@ def write_ggufs(cfg, bundle: Path) -> dict:
     ``{"skipped": why}`` when llama.cpp has no pre-tokenizer for this tokenizer."""
     from model.export_gguf import (
         GGUFError,
+        NoPreTokenizer,
         check_gguf,
-        gguf_pre_tokenizer,
         gguf_tensors,
         sample_texts,
         write_gguf,
@@ -333,16 +333,14 @@ def write_ggufs(cfg, bundle: Path) -> dict:
 
     if not cfg.gguf:
         return {"skipped": "release.gguf is empty"}
-    try:
-        gguf_pre_tokenizer(json.loads((bundle / "tokenizer.json").read_text()))
-    except GGUFError as exc:
-        return {"skipped": str(exc)}
     files, tensors, texts = {}, gguf_tensors(bundle), sample_texts()
     for kind in cfg.gguf:
         path = bundle / f"{cfg.name}-{cfg.version}-{kind}.gguf"
         try:
             write_gguf(bundle, path, f"{cfg.name}-{cfg.version}", kind, tensors)
             files[path.name] = check_gguf(path, bundle, texts, tensors)
+        except NoPreTokenizer as exc:  # raised before any file is written
+            return {"skipped": str(exc)}
         except GGUFError as exc:
             raise ReleaseError(f"GGUF {kind}: {exc}") from exc
     return {"files": files}
