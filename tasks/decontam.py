@@ -8,6 +8,8 @@ problem is dropped and reported with the problem ids it matched.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -160,3 +162,21 @@ def build_benchmark_index(names: tuple[str, ...], n: int) -> NgramIndex:
 def benchmark_index(names: tuple[str, ...], n: int) -> NgramIndex:
     """:func:`build_benchmark_index`, kept for the life of the process."""
     return build_benchmark_index(names, n)
+
+
+def save_benchmark_index(names: tuple[str, ...], n: int, folder: str | Path) -> str:
+    """Build the index in a child process and save it to ``folder`` for the workers to
+    memory-map. Loading the benchmark sets and building takes about 170 MB that the calling
+    process would keep (the allocator rarely hands it back); a child returns all of it."""
+    cmd = [sys.executable, "-m", "tasks.decontam", str(folder), str(n), *names]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(
+            f"building the decontamination index for {', '.join(names)} failed: "
+            f"{done.stderr.strip()[-2000:]}"
+        )
+    return str(folder)
+
+
+if __name__ == "__main__":  # python -m tasks.decontam FOLDER N BENCHMARK...
+    build_benchmark_index(tuple(sys.argv[3:]), int(sys.argv[2])).save(sys.argv[1])

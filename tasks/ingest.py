@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from tasks import filters
 from tasks.config import DataConfig
-from tasks.decontam import NgramIndex, benchmark_index, build_benchmark_index, load_index
+from tasks.decontam import NgramIndex, benchmark_index, load_index, save_benchmark_index
 from tasks.dedup import deduplicate, doc_signature, minhash_permutations, ngram_hashes, token_hashes
 from tasks.normalize import DecodeError, decode, normalize_text
 from tasks.runners import MapFn, serial_map
@@ -254,10 +254,12 @@ def run_ingest(
     out = Path(out_dir or cfg.out_dir)
     with scratch_dir(out.with_name(f"{out.name}-staging")) as staging:
         index_dir = None
-        if cfg.decontam_benchmarks:  # built once, not kept here; the workers memory-map it
-            index = build_benchmark_index(tuple(cfg.decontam_benchmarks), cfg.decontam_ngram)
-            index_dir = index.save(staging / "decontam-index")
-            del index
+        if cfg.decontam_benchmarks:  # built once, in a child process; the workers memory-map it
+            names, n = tuple(cfg.decontam_benchmarks), cfg.decontam_ngram
+            try:
+                index_dir = save_benchmark_index(names, n, staging / "decontam-index")
+            except RuntimeError as exc:
+                raise IngestError(f"{exc}. Check data.decontam_benchmarks.") from exc
         jobs = [
             {
                 "items": s,
