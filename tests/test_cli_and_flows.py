@@ -108,7 +108,9 @@ def test_ingest_flow_on_prefect_server_with_artifact_and_mlflow(
     # each shard cleaned, each LSH band bucketed and each output part written as a task run;
     # the staging folder gone afterwards
     steps = task_runs_of_last(prefect_server, "ingest")
-    assert steps == dict.fromkeys(("process-shard", "band-pairs", "write-part"), "COMPLETED"), steps
+    assert steps == dict.fromkeys(("process-shard", "band-buckets", "write-parts"), "COMPLETED"), (
+        steps
+    )
     assert sorted(p.name for p in tmp_path.iterdir() if "staging" in p.name) == []
     line = next(x for x in (out.stdout + out.stderr).splitlines() if "ingest: read+clean: " in x)
     assert re.search(r"MB \(100%\), [\d.,]+ MB/s, ETA 0 s, \d+ docs$", line), line
