@@ -59,10 +59,12 @@ class DataConfig(Section):
     metrics_file: str = "metrics/ingest.json"
     workers: int = Field(default=2, ge=1)  # processes for the mapped per-shard tasks
     # A processing shard (one task) closes at shard_docs input items or shard_bytes input bytes,
-    # whichever comes first (Hub records come in items of 200). The output does not depend on
-    # either: only the number of tasks (each costs Prefect a fraction of a CPU-second).
-    shard_docs: int = Field(default=2000, ge=1)
-    shard_bytes: int = Field(default=8_000_000, ge=1)
+    # whichever comes first (Hub records come in items of 200), and smaller where the corpus
+    # would give fewer than four shards per worker. The output does not depend on either: only
+    # the number of tasks (each costs Prefect a fraction of a CPU-second) and the retry unit. A
+    # worker's memory does not grow with a shard: it stages cleaned text every 8 MB.
+    shard_docs: int = Field(default=10_000, ge=1)
+    shard_bytes: int = Field(default=32_000_000, ge=1)
     part_max_bytes: int = Field(default=8_000_000, ge=1)  # target size of one output parquet part
     # Decoding: UTF-8 (BOM stripped), then a declared encoding (PEP 263 cookie), then these.
     fallback_encodings: list[str] = Field(default_factory=list)

@@ -43,6 +43,9 @@ SCHEMA = pa.schema(
         ("n_bytes", pa.int64()),
     ]
 )
+SHARDS_PER_WORKER = 4  # at least, where shards of 1 MB or more allow
+MIN_SHARD_BYTES = 1_000_000
+STAGE_FLUSH_BYTES = 8_000_000  # a shard's cleaned text is staged in row groups of about this size
 STEPS = ("read", "normalize", "filter", "scrub", "tokenize", "decontam", "hash_minhash", "stage")
 
 
@@ -83,14 +86,17 @@ class ShardResult:
 
 def plan_shards(cfg: DataConfig, s3: S3Settings | None = None) -> list[list[Item]]:
     """Discover every input and cut the list, in order, into shards of at most ``shard_docs``
-    items and (unless one item is larger) ``shard_bytes`` bytes."""
+    items and (unless one item is larger) ``shard_bytes`` bytes, smaller where that would leave
+    fewer than four shards per worker (so the workers finish together)."""
     items = discover(cfg, s3)
     if not items:
         raise IngestError("the sources hold no input at all; check data.sources")
+    total = sum(item.size for item in items)
+    limit = min(cfg.shard_bytes, max(MIN_SHARD_BYTES, total // (SHARDS_PER_WORKER * cfg.workers)))
     shards: list[list[Item]] = [[]]
     size = 0
     for item in items:
-        if shards[-1] and (len(shards[-1]) >= cfg.shard_docs or size + item.size > cfg.shard_bytes):
+        if shards[-1] and (len(shards[-1]) >= cfg.shard_docs or size + item.size > limit):
             shards.append([])
             size = 0
         shards[-1].append(item)
@@ -124,7 +130,29 @@ def process_shard(
     perms = minhash_permutations(cfg.minhash_perm, cfg.seed)
     index = decontam_index(cfg, index_dir)
     res = ShardResult(stage_file, [], [], {}, [], [], dict.fromkeys(STEPS, 0.0))
-    texts: list[str] = []
+    t = res.seconds
+    with pq.ParquetWriter(stage_file, SCHEMA, compression="lz4") as writer:
+        batch: list[dict] = []
+        size = 0
+        for doc in _clean_items(items, cfg, s3, index, perms, res):
+            batch.append(doc)
+            size += doc["n_bytes"]
+            if size >= STAGE_FLUSH_BYTES:
+                _stage(writer, batch, t)
+                batch, size = [], 0
+        _stage(writer, batch, t)
+    return res
+
+
+def _stage(writer: pq.ParquetWriter, docs: list[dict], seconds: dict[str, float]) -> None:
+    t0 = time.perf_counter()
+    writer.write_table(pa.Table.from_pylist(docs, schema=SCHEMA))
+    seconds["stage"] += time.perf_counter() - t0
+
+
+def _clean_items(items, cfg, s3, index, perms, res: ShardResult):
+    """The cleaning pipeline of :func:`process_shard`: yields each kept document (a SCHEMA row)
+    and records everything else in ``res``."""
     t = res.seconds
     for item in items:
         src = cfg.sources[item.source]
@@ -176,23 +204,17 @@ def process_shard(
                 res.contamination.append({"uri": raw.uri, "source": src.label, "matches": hits})
                 continue
             data = text.encode("utf-8", "surrogatepass")
-            texts.append(text)
-            res.rows.append(
-                {
-                    "id": doc_id(src.label, raw.uri),
-                    "source": src.label,
-                    "uri": raw.uri,
-                    "sha256": hashlib.sha256(data).hexdigest(),
-                    "n_bytes": len(data),
-                }
-            )
+            row = {
+                "id": doc_id(src.label, raw.uri),
+                "source": src.label,
+                "uri": raw.uri,
+                "sha256": hashlib.sha256(data).hexdigest(),
+                "n_bytes": len(data),
+            }
+            res.rows.append(row)
             res.signatures.append(doc_signature(tok, cfg.dedup_ngram, perms))
             t["hash_minhash"] += time.perf_counter() - t4
-    t0 = time.perf_counter()
-    rows = [{**r, "text": x} for r, x in zip(res.rows, texts, strict=True)]
-    pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), stage_file, compression="lz4")
-    t["stage"] = time.perf_counter() - t0
-    return res
+            yield {**row, "text": text}
 
 
 @dataclass
@@ -228,10 +250,22 @@ def write_parts(parts: list[tuple[list, str]]) -> list[str]:
     """Output parts, each ``(segments, path)``, from their staged segments (reading only the
     shards they need). One task writes several parts: a task costs more than a part."""
     for segments, path in parts:
-        tables = [pq.read_table(f, schema=SCHEMA).take(rows) for f, rows in segments]
-        table = pa.concat_tables(tables).combine_chunks()
+        table = pa.concat_tables([_read_rows(f, rows) for f, rows in segments]).combine_chunks()
         pq.write_table(table, path, compression="zstd")
     return [Path(path).name for _, path in parts]
+
+
+def _read_rows(stage_file: str, rows: list[int]) -> pa.Table:
+    """The given rows (ascending) of a staged shard, reading only the row groups that hold them:
+    a part's memory does not grow with the shard size."""
+    f = pq.ParquetFile(stage_file)
+    starts = np.cumsum([0] + [f.metadata.row_group(i).num_rows for i in range(f.num_row_groups)])
+    at = np.asarray(rows)
+    group = np.searchsorted(starts, at, side="right") - 1
+    groups = np.unique(group)
+    offset = np.cumsum(starts[groups + 1] - starts[groups]) - (starts[groups + 1] - starts[groups])
+    local = offset[np.searchsorted(groups, group)] + at - starts[group]
+    return f.read_row_groups(groups.tolist(), use_threads=False).take(local)
 
 
 def _docs_read(result: ShardResult) -> int:

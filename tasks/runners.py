@@ -54,8 +54,13 @@ def serial_map(
 @functools.cache
 def _prefect_task(fn: Callable):
     from prefect import task
+    from prefect.cache_policies import NONE
 
-    return task(fn, name=fn.__name__.replace("_", "-"), retries=1)
+    # No cache key and no persisted result: a task's outputs are its files, and its return value
+    # comes back through the runner. (The default policy hashes every input on every run.)
+    return task(
+        fn, name=fn.__name__.replace("_", "-"), retries=1, cache_policy=NONE, persist_result=False
+    )
 
 
 def task_map(runner: TaskRunner, log: Callable[[str], None]) -> MapFn:
@@ -83,10 +88,6 @@ def task_map(runner: TaskRunner, log: Callable[[str], None]) -> MapFn:
 
 
 def task_runner(infra: InfraConfig, workers: int) -> TaskRunner:
-    # Worker processes hand freed memory back to the OS early, as Dask's nanny sets for its
-    # workers: on the 405 MB ingest benchmark each worker peaked about 60 MB lower. Read by glibc
-    # when a process starts, so it reaches the workers this stage spawns.
-    os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", str(64 * 1024))
     if infra.task_runner == "process":
         return ProcessPoolTaskRunner(max_workers=workers)
     # Dask logs every connection and worker event at INFO; keep the stage's log readable unless

@@ -9,8 +9,9 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
+from tasks import ingest as ingest_mod
 from tasks.config import DataConfig, SourceConfig
-from tasks.ingest import SCHEMA, IngestError, plan_shards, run_ingest
+from tasks.ingest import SCHEMA, IngestError, plan_shards, process_shard, run_ingest
 from tasks.runners import serial_map
 from tasks.sources import SourceError
 from tests.conftest import REPO, make_corpus
@@ -78,7 +79,7 @@ def test_known_corpus_exact_counts(corpus, tmp_path):
         assert r["n_bytes"] == len(r["text"].encode())
 
 
-def test_output_independent_of_sharding(corpus, tmp_path):
+def test_output_independent_of_sharding(corpus, tmp_path, monkeypatch):
     """Parts are cut from the staged shards: one shard per input or one for all, the same bytes;
     with small parts, most of them take their rows from several staged shards."""
     root, _ = corpus
@@ -96,6 +97,13 @@ def test_output_independent_of_sharding(corpus, tmp_path):
     run(by_bytes, c)  # shards closed by size: the same bytes again
     for name in names:
         assert (a / name).read_bytes() == (c / name).read_bytes(), name
+    # Staged in row groups of one document each: the parts read only the row groups they need,
+    # and get the same bytes.
+    monkeypatch.setattr(ingest_mod, "STAGE_FLUSH_BYTES", 1)
+    run(cfg_for(root, tmp_path, shard_docs=100, part_max_bytes=1500), c)
+    for name in names:
+        assert (a / name).read_bytes() == (c / name).read_bytes(), name
+    monkeypatch.undo()
     run(cfg_for(root, tmp_path, shard_docs=100, part_max_bytes=10**9), b)
     ta = [r for p in sorted(a.glob("part-*.parquet")) for r in pq.read_table(p).to_pylist()]
     tb = [r for p in sorted(b.glob("part-*.parquet")) for r in pq.read_table(p).to_pylist()]
@@ -104,6 +112,34 @@ def test_output_independent_of_sharding(corpus, tmp_path):
         json.loads((a / "card.json").read_text())["totals"]
         == json.loads((b / "card.json").read_text())["totals"]
     )
+
+
+def test_staged_rows_read_by_row_group(corpus, tmp_path, monkeypatch):
+    """A shard stages its documents in row groups as it goes (its memory does not grow with its
+    size); a part reads back only the row groups that hold its rows."""
+    root, _ = corpus
+    monkeypatch.setattr(ingest_mod, "STAGE_FLUSH_BYTES", 1)
+    cfg = cfg_for(root, tmp_path)
+    path = str(tmp_path / "shard.parquet")
+    res = process_shard([i for s in plan_shards(cfg) for i in s], cfg, path)
+    n = len(res.rows)
+    assert pq.ParquetFile(path).num_row_groups >= n > 3
+    full = pq.read_table(path)
+    assert full.column("id").to_pylist() == [r["id"] for r in res.rows]
+    for rows in ([0], [1, 2], [0, n - 1], list(range(0, n, 2)), list(range(n))):
+        assert ingest_mod._read_rows(path, rows).equals(full.take(rows)), rows
+
+
+def test_shards_four_per_worker(corpus, tmp_path, monkeypatch):
+    """Shards shrink below data.shard_bytes where the corpus would give a worker fewer than four
+    (but not below 1 MB, so a small corpus stays one task)."""
+    root, _ = corpus
+    assert len(plan_shards(cfg_for(root, tmp_path, workers=2))) == 1
+    monkeypatch.setattr(ingest_mod, "MIN_SHARD_BYTES", 1)
+    shards = plan_shards(cfg_for(root, tmp_path, workers=2))
+    total = sum(i.size for s in shards for i in s)
+    assert len(shards) >= 8
+    assert all(sum(i.size for i in s) <= total // 8 or len(s) == 1 for s in shards)
 
 
 def test_rerun_gives_identical_bytes(corpus, tmp_path):
