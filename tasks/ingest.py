@@ -109,8 +109,8 @@ def doc_id(source_label: str, uri: str) -> str:
 
 
 def decontam_index(cfg: DataConfig, index_dir: str | None = None) -> NgramIndex | None:
-    """The benchmark n-gram index: memory-mapped from ``index_dir`` where the run saved it once,
-    else built here."""
+    """The benchmark n-gram index, memory-mapped: from ``index_dir`` where the run put a copy
+    (remote workers see the run's folder, not this machine's cache), else from the cache."""
     if not cfg.decontam_benchmarks:
         return None
     if index_dir:

