@@ -47,22 +47,22 @@ class NgramIndex:
         return cls(keys, owner, names, bits)
 
     def hits(self, grams: np.ndarray) -> list[str]:
-        if len(grams) == 0 or len(self.keys) == 0:
-            return []
-        slots = _slots(grams)
-        grams = grams[
-            (self.bits[slots >> np.uint64(3)] >> (slots & np.uint64(7)).astype(np.uint8)) & 1 == 1
-        ]
-        if len(grams) == 0:
-            return []
-        grams = np.unique(grams)
-        lo = np.searchsorted(self.keys, grams, side="left")
-        hi = np.searchsorted(self.keys, grams, side="right")
-        found = np.flatnonzero(hi > lo)
-        if len(found) == 0:
-            return []
-        owners = np.concatenate([self.owner[lo[i] : hi[i]] for i in found])
-        return sorted({self.names[o] for o in np.unique(owners)})
+        """The benchmark items that share one of these n-grams."""
+        return self.hits_batch(grams, np.zeros(len(grams), dtype=np.int64), 1)[0]
+
+    def hits_batch(self, grams: np.ndarray, owner: np.ndarray, k: int) -> list[list[str]]:
+        """:meth:`hits` of each of ``k`` texts at once, from all their n-grams (``owner[j]`` is
+        the text of ``grams[j]``): the bit filter drops most n-grams in one array operation."""
+        found: list[set[str]] = [set() for _ in range(k)]
+        if len(grams) and len(self.keys):
+            slots = _slots(grams)
+            bit = (self.bits[slots >> np.uint64(3)] >> (slots & np.uint64(7)).astype(np.uint8)) & 1
+            grams, owner = grams[bit == 1], owner[bit == 1]
+            lo = np.searchsorted(self.keys, grams, side="left")
+            hi = np.searchsorted(self.keys, grams, side="right")
+            for j in np.flatnonzero(hi > lo):
+                found[owner[j]].update(self.names[o] for o in self.owner[lo[j] : hi[j]])
+        return [sorted(f) for f in found]
 
     def save(self, folder: str | Path) -> str:
         """Write the index as ``.npy`` files that :func:`load_index` memory-maps: built once per

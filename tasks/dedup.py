@@ -103,6 +103,64 @@ def token_hashes(text: str) -> np.ndarray:
     return np.concatenate(pieces) if pieces else np.empty(0, dtype=np.uint64)
 
 
+def batch_token_hashes(datas: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`token_hashes` of several UTF-8 texts in one pass over their concatenation (a
+    newline between them, so no word spans two): ``(hashes, bounds)``, text ``i``'s words being
+    ``hashes[bounds[i]:bounds[i + 1]]``. A few dozen array operations per batch instead of per
+    text: most documents are a few kilobytes. Batches larger than a piece are hashed text by text."""
+    total = sum(map(len, datas)) + len(datas)
+    if total > _TABLE:
+        toks = [token_hashes(d.decode("utf-8", "surrogatepass")) for d in datas]
+        bounds = np.cumsum([0] + [len(t) for t in toks])
+        return (np.concatenate(toks) if toks else np.empty(0, np.uint64)), bounds
+    b = np.frombuffer(b"\n".join(datas).lower(), dtype=np.uint8)
+    starts, ends = word_spans(b)
+    offsets = np.cumsum([0] + [len(d) + 1 for d in datas])
+    return span_hashes(b, starts, ends), np.searchsorted(starts, offsets)
+
+
+def batch_ngrams(tok: np.ndarray, bounds: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(n-gram hashes, owning text)`` of every n-gram that lies within one text of a batch: for
+    each text, exactly ``ngram_hashes`` of its own words."""
+    owner = np.repeat(np.arange(len(bounds) - 1), np.diff(bounds))
+    grams = ngram_hashes(tok, n)
+    m = len(grams)
+    if m == 0:
+        return grams, owner[:0]
+    inside = owner[:m] == owner[n - 1 :]
+    return grams[inside], owner[:m][inside]
+
+
+def batch_signatures(
+    tok: np.ndarray, bounds: np.ndarray, n: int, perms: tuple[np.ndarray, np.ndarray]
+) -> np.ndarray:
+    """:func:`doc_signature` of every text of a batch (one row each), from one sort and one pass
+    of blocks over all their shingles: each block's minima are taken per text with
+    ``minimum.reduceat``."""
+    a, b = perms
+    lens = np.diff(bounds)
+    sig = np.full((len(lens), len(a)), np.iinfo(np.uint32).max, dtype=np.uint32)
+    shingles, owner = batch_ngrams(tok, bounds, n)
+    short = np.flatnonzero((lens > 0) & (lens < n))  # a text shorter than n: one shingle of all
+    if len(short):
+        extra = [ngram_hashes(tok[bounds[i] : bounds[i + 1]], int(lens[i])) for i in short]
+        shingles = np.concatenate([shingles, *extra])
+        owner = np.concatenate([owner, short])
+    key = unique_sorted((owner.astype(np.uint64) << np.uint64(32)) | shingles.astype(np.uint32))
+    hv = _fmix(key.astype(np.uint32), 32)
+    owner = (key >> np.uint64(32)).astype(np.int64)
+    buf = np.empty((len(a), min(len(hv), _BLOCK)), dtype=np.uint32)
+    for i in range(0, len(hv), _BLOCK):
+        block, who = hv[i : i + _BLOCK], owner[i : i + _BLOCK]
+        out = buf[:, : len(block)]
+        np.multiply(a[:, None], block[None, :], out=out)
+        np.add(out, b[:, None], out=out)
+        cuts = np.flatnonzero(np.concatenate(([True], who[1:] != who[:-1])))
+        rows = who[cuts]  # distinct within a block: a text's shingles are contiguous
+        sig[rows] = np.minimum(sig[rows], np.minimum.reduceat(out, cuts, axis=1).T)
+    return sig
+
+
 def ngram_hashes(tok: np.ndarray, n: int) -> np.ndarray:
     """64-bit hashes of every contiguous n-gram of ``tok`` (empty when shorter than n)."""
     m = len(tok) - n + 1

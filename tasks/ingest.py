@@ -25,7 +25,13 @@ import pyarrow.parquet as pq
 from tasks import filters
 from tasks.config import DataConfig
 from tasks.decontam import NgramIndex, benchmark_index, load_index, save_benchmark_index
-from tasks.dedup import deduplicate, doc_signature, minhash_permutations, ngram_hashes, token_hashes
+from tasks.dedup import (
+    batch_ngrams,
+    batch_signatures,
+    batch_token_hashes,
+    deduplicate,
+    minhash_permutations,
+)
 from tasks.normalize import DecodeError, decode, normalize_text
 from tasks.runners import MapFn, serial_map
 from tasks.scrub import scrub
@@ -45,6 +51,7 @@ SCHEMA = pa.schema(
 )
 SHARDS_PER_WORKER = 4  # at least, where shards of 1 MB or more allow
 MIN_SHARD_BYTES = 1_000_000
+BATCH_BYTES = 500_000  # cleaned documents are hashed and signed in batches of about this size
 STAGE_FLUSH_BYTES = 8_000_000  # a shard's cleaned text is staged in row groups of about this size
 STEPS = ("read", "normalize", "filter", "scrub", "tokenize", "decontam", "hash_minhash", "stage")
 
@@ -154,6 +161,8 @@ def _clean_items(items, cfg, s3, index, perms, res: ShardResult):
     """The cleaning pipeline of :func:`process_shard`: yields each kept document (a SCHEMA row)
     and records everything else in ``res``."""
     t = res.seconds
+    batch: list[tuple] = []
+    size = 0
     for item in items:
         src = cfg.sources[item.source]
         st = res.stats.setdefault(item.source, SourceStats())
@@ -191,30 +200,48 @@ def _clean_items(items, cfg, s3, index, perms, res: ShardResult):
                 continue
             text, found = scrub(text, cfg)
             st.pii.update(found)
-            t3 = time.perf_counter()
-            tok = token_hashes(text)  # shared by decontamination and MinHash
-            t3b = time.perf_counter()
-            hits = index.hits(ngram_hashes(tok, cfg.decontam_ngram)) if index is not None else []
-            t4 = time.perf_counter()
-            t["scrub"] += t3 - t2
-            t["tokenize"] += t3b - t3
-            t["decontam"] += t4 - t3b
-            if hits:
-                st.contaminated += 1
-                res.contamination.append({"uri": raw.uri, "source": src.label, "matches": hits})
-                continue
-            data = text.encode("utf-8", "surrogatepass")
-            row = {
-                "id": doc_id(src.label, raw.uri),
-                "source": src.label,
-                "uri": raw.uri,
-                "sha256": hashlib.sha256(data).hexdigest(),
-                "n_bytes": len(data),
-            }
-            res.rows.append(row)
-            res.signatures.append(doc_signature(tok, cfg.dedup_ngram, perms))
-            t["hash_minhash"] += time.perf_counter() - t4
-            yield {**row, "text": text}
+            t["scrub"] += time.perf_counter() - t2
+            batch.append((src, raw.uri, text, text.encode("utf-8", "surrogatepass"), st))
+            size += len(batch[-1][3])
+            if size >= BATCH_BYTES:
+                yield from _hash_batch(batch, cfg, index, perms, res)
+                batch, size = [], 0
+    yield from _hash_batch(batch, cfg, index, perms, res)
+
+
+def _hash_batch(batch: list[tuple], cfg, index, perms, res: ShardResult):
+    """Decontaminate, hash and sign a batch of cleaned documents ``(source, uri, text, utf-8,
+    stats)`` with array operations over all of them at once; yield the kept ones in order."""
+    if not batch:
+        return
+    t, t0 = res.seconds, time.perf_counter()
+    tok, bounds = batch_token_hashes([doc[3] for doc in batch])  # for decontamination and MinHash
+    t1 = time.perf_counter()
+    hits = [[]] * len(batch)
+    if index is not None:
+        hits = index.hits_batch(*batch_ngrams(tok, bounds, cfg.decontam_ngram), len(batch))
+    t2 = time.perf_counter()
+    sigs = batch_signatures(tok, bounds, cfg.dedup_ngram, perms)
+    t["tokenize"] += t1 - t0
+    t["decontam"] += t2 - t1
+    kept = []
+    for (src, uri, text, data, st), found, sig in zip(batch, hits, sigs, strict=True):
+        if found:
+            st.contaminated += 1
+            res.contamination.append({"uri": uri, "source": src.label, "matches": found})
+            continue
+        row = {
+            "id": doc_id(src.label, uri),
+            "source": src.label,
+            "uri": uri,
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "n_bytes": len(data),
+        }
+        res.rows.append(row)
+        res.signatures.append(sig)
+        kept.append({**row, "text": text})
+    t["hash_minhash"] += time.perf_counter() - t2
+    yield from kept
 
 
 @dataclass

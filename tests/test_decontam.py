@@ -63,3 +63,16 @@ def test_index_is_built_once_in_a_child_then_copied_from_the_cache(tmp_path, mon
     text = "x = 1\n" + p["prompt"] + p["canonical_solution"]
     grams = ngram_hashes(token_hashes(text), 13)
     assert first.hits(grams) == reference.hits(grams) and reference.hits(grams)
+
+
+def test_hits_of_a_batch_equal_hits_one_by_one():
+    from tasks.dedup import batch_ngrams, batch_token_hashes
+
+    index = benchmark_index(("humaneval",), 13)
+    problems = list(read_problems().values())
+    texts = ["print('unrelated code here')\n" * 30, problems[0]["prompt"], "", problems[5]["test"]]
+    texts += ["x = 1\n" + problems[9]["canonical_solution"] + problems[9]["prompt"], "short"]
+    tok, bounds = batch_token_hashes([t.encode() for t in texts])
+    batch = index.hits_batch(*batch_ngrams(tok, bounds, 13), len(texts))
+    assert batch == [hits(t, index) for t in texts]
+    assert batch[1] and batch[3] and batch[4] and not batch[0] and not batch[2]

@@ -4,6 +4,10 @@ import numpy as np
 from datasketch import MinHash
 
 from tasks.dedup import (
+    _BLOCK,
+    batch_ngrams,
+    batch_signatures,
+    batch_token_hashes,
     deduplicate,
     doc_signature,
     minhash_permutations,
@@ -35,6 +39,36 @@ def test_signature_equals_datasketch_update_batch():
     ref = MinHash(num_perm=64, seed=7, scheme="affine32", hashfunc=int)
     ref.update_batch([int(x) for x in shingles.astype(np.uint32)])
     assert np.array_equal(signature(shingles, perms), ref.hashvalues)
+
+
+def test_batches_equal_one_text_at_a_time():
+    """Ingest hashes, n-grams and signs documents in batches: every text gets exactly what it gets
+    alone, at the batch's edges too (empty, shorter than n, non-ASCII, words at the very start and
+    end, a text with more shingles than a block, and a batch too large for one pass)."""
+    rng = random.Random(3)
+    words = ["alpha", "Beta", "wörld", "x_1", "42", "naïve", "z"]
+    texts = [
+        "",
+        "one",
+        "two words",
+        "!!",
+        "ends with word",
+        " starts with space",
+        "日本語 テキスト",
+    ]
+    texts += [" ".join(rng.choice(words) for _ in range(rng.randint(3, 400))) for _ in range(40)]
+    texts.append(" ".join(f"w{i}" for i in range(_BLOCK + 500)))  # spans two signature blocks
+    perms = minhash_permutations(128, 1)
+    for batch in (texts, texts[:3], ["x" * 600_000, *texts[:9], "y z " * 150_000]):
+        tok, bounds = batch_token_hashes([t.encode() for t in batch])
+        assert len(bounds) == len(batch) + 1
+        sigs = batch_signatures(tok, bounds, 5, perms)
+        grams, owner = batch_ngrams(tok, bounds, 13)
+        for i, text in enumerate(batch):
+            alone = token_hashes(text)
+            assert np.array_equal(tok[bounds[i] : bounds[i + 1]], alone), i
+            assert np.array_equal(sigs[i], doc_signature(alone, 5, perms)), i
+            assert np.array_equal(grams[owner == i], ngram_hashes(alone, 13)), i
 
 
 def _doc(rng, n=300):
