@@ -19,9 +19,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from datasketch import MinHash
-from datasketch.lsh import _optimal_param
-from datasketch.minhash import _fmix
 
 from tasks.runners import MapFn, serial_map
 
@@ -147,7 +144,7 @@ def batch_signatures(
         shingles = np.concatenate([shingles, *extra])
         owner = np.concatenate([owner, short])
     key = unique_sorted((owner.astype(np.uint64) << np.uint64(32)) | shingles.astype(np.uint32))
-    hv = _fmix(key.astype(np.uint32), 32)
+    hv = _fmix(key.astype(np.uint32))
     owner = (key >> np.uint64(32)).astype(np.int64)
     buf = np.empty((len(a), min(len(hv), _BLOCK)), dtype=np.uint32)
     for i in range(0, len(hv), _BLOCK):
@@ -173,11 +170,26 @@ def ngram_hashes(tok: np.ndarray, n: int) -> np.ndarray:
     return h
 
 
-SCHEME = "affine32"  # datasketch's default since 2.0: uint32 affine maps after a MurmurHash3 mix
 
 
 def minhash_permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    return MinHash(num_perm=num_perm, seed=seed, scheme=SCHEME).permutations
+    """datasketch's ``MinHash(num_perm, seed, scheme="affine32").permutations``: odd multipliers
+    ``a`` and offsets ``b`` drawn from ``RandomState(seed)``. Written out here so the ingest
+    workers never import datasketch (and the scipy it loads, ~0.6 CPU-s per process); tests
+    check the signatures against datasketch's own."""
+    gen = np.random.RandomState(seed)
+    a = gen.randint(0, 1 << 31, num_perm, dtype=np.uint32) * np.uint32(2) + np.uint32(1)
+    b = gen.randint(0, 1 << 32, num_perm, dtype=np.uint32)
+    return a, b
+
+
+def _fmix(hv: np.ndarray) -> np.ndarray:
+    """The MurmurHash3 32-bit finalizer that datasketch's affine32 scheme applies first."""
+    hv = hv ^ (hv >> np.uint32(16))
+    hv = hv * np.uint32(0x85EBCA6B)
+    hv = hv ^ (hv >> np.uint32(13))
+    hv = hv * np.uint32(0xC2B2AE35)
+    return hv ^ (hv >> np.uint32(16))
 
 
 def unique_sorted(x: np.ndarray) -> np.ndarray:
@@ -193,7 +205,7 @@ def signature(shingles: np.ndarray, perms: tuple[np.ndarray, np.ndarray]) -> np.
     wraps, which is the scheme's modulo 2^32."""
     a, b = perms
     sig = np.full(len(a), np.iinfo(np.uint32).max, dtype=np.uint32)
-    hv = _fmix(unique_sorted(shingles.astype(np.uint32)), 32)
+    hv = _fmix(unique_sorted(shingles.astype(np.uint32)))
     buf = np.empty((len(a), min(len(hv), _BLOCK)), dtype=np.uint32)
     for i in range(0, len(hv), _BLOCK):
         block = hv[i : i + _BLOCK]
@@ -227,19 +239,25 @@ class DedupResult:
 
 def lsh_bands(threshold: float, num_perm: int) -> tuple[int, int]:
     """Bands and rows per band: datasketch's own choice for ``MinHashLSH(threshold, num_perm)``."""
+    from datasketch.lsh import _optimal_param
+
     return _optimal_param(threshold, num_perm, 0.5, 0.5)
 
 
-def band_buckets(band: np.ndarray, rows: np.ndarray) -> list[np.ndarray]:
-    """The buckets of one band that hold more than one document: each the sorted ``rows`` whose
-    signature slices in this band are equal. Linear in the documents, however large a bucket."""
+def band_buckets(bands: list[np.ndarray], rows: np.ndarray) -> list[np.ndarray]:
+    """The buckets of these bands that hold more than one document: each the sorted ``rows``
+    whose signature slices in one band are equal. Linear in the documents, however large a
+    bucket. (One task takes several bands: a task costs more than a band.)"""
     if len(rows) < 2:
         return []
-    _, bucket = np.unique(band, axis=0, return_inverse=True)
-    bucket = bucket.ravel()
-    order = np.argsort(bucket, kind="stable")
-    cuts = np.flatnonzero(np.diff(bucket[order])) + 1
-    return [np.sort(rows[group]) for group in np.split(order, cuts) if len(group) > 1]
+    found = []
+    for band in bands:
+        _, bucket = np.unique(band, axis=0, return_inverse=True)
+        bucket = bucket.ravel()
+        order = np.argsort(bucket, kind="stable")
+        cuts = np.flatnonzero(np.diff(bucket[order])) + 1
+        found += [np.sort(rows[group]) for group in np.split(order, cuts) if len(group) > 1]
+    return found
 
 
 def deduplicate(
@@ -248,10 +266,12 @@ def deduplicate(
     threshold: float,
     num_perm: int,
     map_fn: MapFn = serial_map,
+    tasks: int = 1,
 ) -> DedupResult:
     """Keep the first document of every exact (same sha256) or near-duplicate group, in order.
 
-    ``map_fn`` runs the band steps (serially by default; the flow passes its task runner's). Then
+    ``map_fn`` runs the band steps as ``tasks`` jobs (serially by default; the flow passes its
+    task runner's and one job per worker). Then
     one pass in global order over the documents that share a bucket with another: each is compared
     with the *kept* earlier members of its buckets only (ascending, the first match wins), so a
     bucket of k copies costs about k comparisons, not k^2/2 pairs."""
@@ -267,11 +287,15 @@ def deduplicate(
     rows = np.array(unique, np.int64)
     sig = np.stack([signatures[i] for i in unique]) if unique else np.zeros((0, num_perm))
     b, r = lsh_bands(threshold, num_perm)
-    jobs = [{"band": sig[:, k * r : (k + 1) * r], "rows": rows} for k in range(b)]
+    bands = [sig[:, k * r : (k + 1) * r] for k in range(b)]
+    jobs = [{"bands": bands[k::tasks], "rows": rows} for k in range(min(tasks, b))]
     found = map_fn(
-        band_buckets, jobs, "ingest: near-dup bands", [job["band"].nbytes for job in jobs]
+        band_buckets,
+        jobs,
+        "ingest: near-dup bands",
+        [sum(band.nbytes for band in job["bands"]) for job in jobs],
     )
-    buckets = [members for band in found for members in band]
+    buckets = [members for group in found for members in group]
     in_buckets: dict[int, list[int]] = {}
     for k, members in enumerate(buckets):
         for i in members.tolist():

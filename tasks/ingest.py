@@ -360,9 +360,8 @@ def finalize(
     quarantine = [q for res in results for q in res.quarantine]
     contamination = [c for res in results for c in res.contamination]
 
-    dd = deduplicate(
-        [r["sha256"] for r in rows], sigs, cfg.minhash_threshold, cfg.minhash_perm, map_fn
-    )
+    shas = [r["sha256"] for r in rows]
+    dd = deduplicate(shas, sigs, cfg.minhash_threshold, cfg.minhash_perm, map_fn, cfg.workers)
     by_label = {src.label: i for i, src in enumerate(cfg.sources)}
     dup = {i: Counter() for i in stats}
     for i in dd.exact_of:

@@ -39,6 +39,7 @@ def test_signature_equals_datasketch_update_batch():
     ref = MinHash(num_perm=64, seed=7, scheme="affine32", hashfunc=int)
     ref.update_batch([int(x) for x in shingles.astype(np.uint32)])
     assert np.array_equal(signature(shingles, perms), ref.hashvalues)
+    assert np.array_equal(np.array(perms), ref.permutations)  # written out, not imported
 
 
 def test_batches_equal_one_text_at_a_time():
