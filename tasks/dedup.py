@@ -1,17 +1,19 @@
 """Exact and near-duplicate removal.
 
-Word n-grams are hashed once per document with numpy (a rolling polynomial over per-word CRC32s);
-the same hashes feed MinHash shingles here and the decontamination n-grams in ``decontam.py``.
-Signatures use datasketch's own permutations and its update formula, computed in blocks so a large
-document never builds a huge matrix.
+Words are hashed with numpy (a polynomial hash read off prefix sums, so it does not depend on a
+word's position), a batch of documents at a time; the same hashes feed MinHash shingles here and
+the decontamination n-grams in ``decontam.py``. Signatures use datasketch's permutations and its
+update formula (written out, tested against it), computed in blocks so a large document never
+builds a huge matrix.
 
 Near duplicates are found by LSH banding as distributable steps: each band (datasketch's optimal
 bands and rows for the threshold) buckets the documents by their signature slice and returns the
-buckets of more than one document (one task per band: on the process pool or the Dask cluster; its
-output is linear in the documents). One pass in the fixed global order then keeps the first
-document of every group: a document is dropped when its estimated Jaccard similarity with an
-earlier *kept* member of one of its buckets reaches the threshold. That is exactly what an in-memory datasketch ``MinHashLSH`` gives when documents
-are inserted in order (tested), whatever the parallelism upstream.
+buckets of more than one document (a task takes several bands, on the process pool or the Dask
+cluster; its output is linear in the documents). One pass in the fixed global order then keeps
+the first document of every group: a document is dropped when its estimated Jaccard similarity
+with an earlier *kept* member of one of its buckets reaches the threshold. That is exactly what an
+in-memory datasketch ``MinHashLSH`` gives when documents are inserted in order (tested), whatever
+the parallelism upstream.
 """
 
 from __future__ import annotations
@@ -168,8 +170,6 @@ def ngram_hashes(tok: np.ndarray, n: int) -> np.ndarray:
         for k in range(n):
             h = h * _P + tok[k : k + m]
     return h
-
-
 
 
 def minhash_permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
