@@ -262,7 +262,7 @@ def band_buckets(bands: list[np.ndarray], rows: np.ndarray) -> list[np.ndarray]:
 
 def deduplicate(
     sha256s: list[str],
-    signatures: list[np.ndarray],
+    signatures: np.ndarray | list[np.ndarray],
     threshold: float,
     num_perm: int,
     map_fn: MapFn = serial_map,
@@ -285,7 +285,7 @@ def deduplicate(
             seen[digest] = i
             unique.append(i)
     rows = np.array(unique, np.int64)
-    sig = np.stack([signatures[i] for i in unique]) if unique else np.zeros((0, num_perm))
+    sig = np.asarray(signatures)[rows] if unique else np.zeros((0, num_perm))
     b, r = lsh_bands(threshold, num_perm)
     bands = [sig[:, k * r : (k + 1) * r] for k in range(b)]
     jobs = [{"bands": bands[k::tasks], "rows": rows} for k in range(min(tasks, b))]

@@ -52,7 +52,7 @@ SCHEMA = pa.schema(
 SHARDS_PER_WORKER = 4  # at least, where shards of 1 MB or more allow
 MIN_SHARD_BYTES = 1_000_000
 BATCH_BYTES = 500_000  # cleaned documents are hashed and signed in batches of about this size
-STAGE_FLUSH_BYTES = 8_000_000  # a shard's cleaned text is staged in row groups of about this size
+STAGE_FLUSH_BYTES = 2_000_000  # a shard stages its cleaned text in row groups of about this size
 STEPS = ("read", "normalize", "filter", "scrub", "tokenize", "decontam", "hash_minhash", "stage")
 
 
@@ -84,7 +84,7 @@ class SourceStats:
 class ShardResult:
     stage_file: str  # the cleaned documents, in order (SCHEMA)
     rows: list[dict]  # their metadata: SCHEMA without the text
-    signatures: list[np.ndarray]
+    signatures: list[np.ndarray]  # MinHash signatures of the rows: 2-D blocks, in order
     stats: dict[int, SourceStats]
     quarantine: list[dict]
     contamination: list[dict]
@@ -224,8 +224,8 @@ def _hash_batch(batch: list[tuple], cfg, index, perms, res: ShardResult):
     sigs = batch_signatures(tok, bounds, cfg.dedup_ngram, perms)
     t["tokenize"] += t1 - t0
     t["decontam"] += t2 - t1
-    kept = []
-    for (src, uri, text, data, st), found, sig in zip(batch, hits, sigs, strict=True):
+    kept, signed = [], []
+    for i, ((src, uri, text, data, st), found) in enumerate(zip(batch, hits, strict=True)):
         if found:
             st.contaminated += 1
             res.contamination.append({"uri": uri, "source": src.label, "matches": found})
@@ -238,8 +238,9 @@ def _hash_batch(batch: list[tuple], cfg, index, perms, res: ShardResult):
             "n_bytes": len(data),
         }
         res.rows.append(row)
-        res.signatures.append(sig)
+        signed.append(i)
         kept.append({**row, "text": text})
+    res.signatures.append(sigs[signed])
     t["hash_minhash"] += time.perf_counter() - t2
     yield from kept
 
@@ -352,7 +353,8 @@ def finalize(
     t0 = time.perf_counter()
     rows = [r for res in results for r in res.rows]
     where = [(res.stage_file, i) for res in results for i in range(len(res.rows))]
-    sigs = [s for res in results for s in res.signatures]
+    blocks = [s for res in results for s in res.signatures]
+    sigs = np.concatenate(blocks) if blocks else np.zeros((0, cfg.minhash_perm), np.uint32)
     stats = {i: SourceStats() for i in range(len(cfg.sources))}
     for res in results:
         for i, st in res.stats.items():

@@ -7,6 +7,7 @@ single-threaded processes bound to 127.0.0.1. Flows submit the same tasks either
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -51,6 +52,30 @@ def serial_map(
     return [fn(**kw) for kw in kwargs_list]
 
 
+def release_memory() -> None:
+    """Hand the memory a finished task freed back to the OS: Arrow's pool and glibc's heap keep
+    it otherwise, and a long-lived worker's footprint creeps up task after task (on the 405 MB
+    ingest benchmark, by ~80 MB per worker). What Dask's workers do when they trim memory."""
+    import ctypes
+
+    import pyarrow as pa
+
+    pa.default_memory_pool().release_unused()
+    with contextlib.suppress(OSError, AttributeError):  # glibc only
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _released(fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    def run(**kwargs):
+        try:
+            return fn(**kwargs)
+        finally:
+            release_memory()
+
+    return run
+
+
 @functools.cache
 def _prefect_task(fn: Callable):
     from prefect import task
@@ -59,7 +84,11 @@ def _prefect_task(fn: Callable):
     # No cache key and no persisted result: a task's outputs are its files, and its return value
     # comes back through the runner. (The default policy hashes every input on every run.)
     return task(
-        fn, name=fn.__name__.replace("_", "-"), retries=1, cache_policy=NONE, persist_result=False
+        _released(fn),
+        name=fn.__name__.replace("_", "-"),
+        retries=1,
+        cache_policy=NONE,
+        persist_result=False,
     )
 
 
