@@ -217,7 +217,7 @@ def _hash_batch(batch: list[tuple], cfg, index, perms, res: ShardResult):
     t, t0 = res.seconds, time.perf_counter()
     tok, bounds = batch_token_hashes([doc[3] for doc in batch])  # for decontamination and MinHash
     t1 = time.perf_counter()
-    hits = [[]] * len(batch)
+    hits: list[list[str]] = [[] for _ in batch]
     if index is not None:
         hits = index.hits_batch(*batch_ngrams(tok, bounds, cfg.decontam_ngram), len(batch))
     t2 = time.perf_counter()
@@ -291,7 +291,8 @@ def _read_rows(stage_file: str, rows: list[int]) -> pa.Table:
     at = np.asarray(rows)
     group = np.searchsorted(starts, at, side="right") - 1
     groups = np.unique(group)
-    offset = np.cumsum(starts[groups + 1] - starts[groups]) - (starts[groups + 1] - starts[groups])
+    sizes = starts[groups + 1] - starts[groups]
+    offset = np.cumsum(sizes) - sizes  # where each group read begins in the table read back
     local = offset[np.searchsorted(groups, group)] + at - starts[group]
     return f.read_row_groups(groups.tolist(), use_threads=False).take(local)
 
