@@ -82,7 +82,11 @@ def token_hashes(text: str) -> np.ndarray:
     ASCII-lower-cased), computed without a Python loop. Stable across processes. A long text is
     hashed in pieces of about 1 MB cut between words (a word's hash does not depend on where it
     sits), so the 8-byte-per-byte arrays never grow with the document."""
-    b = text_bytes(text)
+    return _word_hashes(text_bytes(text))
+
+
+def _word_hashes(b: np.ndarray) -> np.ndarray:
+    """:func:`token_hashes` of lower-cased UTF-8 bytes."""
     pieces = []
     start = 0
     while start < len(b):
@@ -109,7 +113,7 @@ def batch_token_hashes(datas: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
     text: most documents are a few kilobytes. Batches larger than a piece are hashed text by text."""
     total = sum(map(len, datas)) + len(datas)
     if total > _TABLE:
-        toks = [token_hashes(d.decode("utf-8", "surrogatepass")) for d in datas]
+        toks = [_word_hashes(np.frombuffer(d.lower(), dtype=np.uint8)) for d in datas]
         bounds = np.cumsum([0] + [len(t) for t in toks])
         return (np.concatenate(toks) if toks else np.empty(0, np.uint64)), bounds
     b = np.frombuffer(b"\n".join(datas).lower(), dtype=np.uint8)
@@ -136,9 +140,7 @@ def batch_signatures(
     """:func:`doc_signature` of every text of a batch (one row each), from one sort and one pass
     of blocks over all their shingles: each block's minima are taken per text with
     ``minimum.reduceat``."""
-    a, b = perms
     lens = np.diff(bounds)
-    sig = np.full((len(lens), len(a)), np.iinfo(np.uint32).max, dtype=np.uint32)
     shingles, owner = batch_ngrams(tok, bounds, n)
     short = np.flatnonzero((lens > 0) & (lens < n))  # a text shorter than n: one shingle of all
     if len(short):
@@ -146,8 +148,19 @@ def batch_signatures(
         shingles = np.concatenate([shingles, *extra])
         owner = np.concatenate([owner, short])
     key = unique_sorted((owner.astype(np.uint64) << np.uint64(32)) | shingles.astype(np.uint32))
-    hv = _fmix(key.astype(np.uint32))
     owner = (key >> np.uint64(32)).astype(np.int64)
+    return _minima(_fmix(key.astype(np.uint32)), owner, perms, len(lens))
+
+
+def _minima(
+    hv: np.ndarray, owner: np.ndarray, perms: tuple[np.ndarray, np.ndarray], k: int
+) -> np.ndarray:
+    """The MinHash signatures of ``k`` texts from their mixed shingle values ``hv`` (each text's
+    contiguous, ``owner`` ascending), in blocks of one buffer laid out permutation by permutation,
+    so each minimum runs along contiguous memory; uint32 arithmetic wraps, which is the scheme's
+    modulo 2^32. A text without shingles keeps the all-max signature."""
+    a, b = perms
+    sig = np.full((k, len(a)), np.iinfo(np.uint32).max, dtype=np.uint32)
     buf = np.empty((len(a), min(len(hv), _BLOCK)), dtype=np.uint32)
     for i in range(0, len(hv), _BLOCK):
         block, who = hv[i : i + _BLOCK], owner[i : i + _BLOCK]
@@ -200,20 +213,9 @@ def unique_sorted(x: np.ndarray) -> np.ndarray:
 
 def signature(shingles: np.ndarray, perms: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
     """MinHash signature of the shingle hashes (low 32 bits), equal to datasketch's
-    ``MinHash(scheme="affine32").update_batch`` on them. Computed in blocks of one buffer laid out
-    permutation by permutation, so each minimum runs along contiguous memory; uint32 arithmetic
-    wraps, which is the scheme's modulo 2^32."""
-    a, b = perms
-    sig = np.full(len(a), np.iinfo(np.uint32).max, dtype=np.uint32)
+    ``MinHash(scheme="affine32").update_batch`` on them."""
     hv = _fmix(unique_sorted(shingles.astype(np.uint32)))
-    buf = np.empty((len(a), min(len(hv), _BLOCK)), dtype=np.uint32)
-    for i in range(0, len(hv), _BLOCK):
-        block = hv[i : i + _BLOCK]
-        out = buf[:, : len(block)]
-        np.multiply(a[:, None], block[None, :], out=out)
-        np.add(out, b[:, None], out=out)
-        np.minimum(sig, out.min(axis=1), out=sig)
-    return sig
+    return _minima(hv, np.zeros(len(hv), dtype=np.int64), perms, 1)[0]
 
 
 def doc_signature(tok: np.ndarray, n: int, perms: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
