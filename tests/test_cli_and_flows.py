@@ -1,6 +1,7 @@
 """The stage entry points for real: `python -m flows.<stage>` against a real Prefect server,
 MLflow runs in a SQLite store, and DVC in a temporary copy of the repo."""
 
+import contextlib
 import json
 import os
 import re
@@ -236,9 +237,10 @@ def lock_outs(cwd: Path) -> dict:
     return {k: [(o["path"], o["md5"]) for o in v["outs"]] for k, v in lock["stages"].items()}
 
 
-def test_dvc_repro_then_noop_and_pipeline_flow_gives_same_lock(
-    prefect_server, mlflow_sqlite, tmp_path
-):
+def test_dvc_repro_pipeline_flow_and_deployments_agree(prefect_server, mlflow_sqlite, tmp_path):
+    """The three ways a user runs the DAG, on copies of the repo with a tiny config: `dvc repro`
+    (then a no-op repro), the main command `python -m flows.pipeline` (same outputs), and the
+    Prefect deployments through a real process worker; MLflow shows what ran, with Prefect's links."""
     a = repo_copy(tmp_path / "a")
     first = dvc(a, "repro")
     assert first.returncode == 0, first.stderr[-3000:] + first.stdout[-3000:]
@@ -328,29 +330,41 @@ def test_dvc_repro_then_noop_and_pipeline_flow_gives_same_lock(
         "plots/train_loss.csv" in dict(outs_a["train"])
     )
     assert "up to date" in dvc(b, "status").stdout
-    again = run_flow("flows.pipeline", cwd=b, timeout=900)
-    assert (
-        again.returncode == 0 and "up to date in dvc.lock, skipped" in again.stdout + again.stderr
-    )
+
+    # The same repo through Prefect deployments, as a user of the UI would drive it: the
+    # pipeline, now up to date, skips every stage through a real worker; one stage runs for real.
+    worker_log = tmp_path / "worker.log"
+    with deployments_and_worker(b, prefect_server, worker_log):
+        for name in ("pipeline/pipeline", "ingest/ingest"):
+            run_deployment(b, prefect_server, name)
+    assert "up to date in dvc.lock, skipped" in worker_log.read_text()
+    assert json.loads((b / "metrics/ingest.json").read_text())["docs_out"] == 9
 
     import mlflow
 
     mlflow.set_tracking_uri(mlflow_sqlite)
-    runs = mlflow.search_runs(experiment_names=["llmforge"])
+    exp = mlflow.get_experiment_by_name("llmforge")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    runs = mlflow.search_runs([exp.experiment_id], output_format="list")
     # base and chat: two registered models, each with its champion
     client = mlflow.tracking.MlflowClient()
     for name in ("llmforge", "llmforge-chat"):
         assert client.get_model_version_by_alias(name, "champion").tags["gate"] == "passed"
-    parents = runs[runs["tags.llmforge.kind"] == "pipeline"]
-    children = runs[runs["tags.mlflow.parentRunId"].isin(parents["run_id"])]
-    assert len(parents) == 2 and set(children["tags.llmforge.stage"]) == {
-        "ingest",
-        "tokenize",
-        "train",
-        "finetune",
-        "evaluate",
-        "release",
-    }
+    # The pipeline's parent runs say which stages ran: all of them from the command line, none
+    # through the worker (all up to date); its children are the six stages.
+    parents = [r for r in runs if r.data.tags.get("llmforge.kind") == "pipeline"]
+    stage_sets = [{parent.data.tags[f"llmforge.stage.{s}"] for s in STAGES} for parent in parents]
+    assert len(stage_sets) == 2 and {"ran"} in stage_sets and {"skipped"} in stage_sets
+    ids = {p.info.run_id for p in parents}
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") in ids]
+    assert sorted(r.data.tags["llmforge.stage"] for r in children) == sorted(STAGES)
+    # Every stage run (dvc repro's, the pipeline's, the worker's ingest) carries its stage, its
+    # status and the Prefect flow run it came from.
+    stages = [r for r in runs if r.data.tags.get("llmforge.kind") == "stage"]
+    assert len(stages) == 2 * len(STAGES) + 1
+    for r in stages:
+        assert r.data.tags["llmforge.status"] == "ran"
+        assert r.data.tags["prefect.flow_run_url"].startswith(prefect_server.removesuffix("/api"))
 
 
 def test_train_flow_end_to_end_within_a_minute(prefect_server, mlflow_sqlite, tmp_path):
@@ -430,14 +444,11 @@ def wait_for_run(server: str, deployment: str, timeout: float = 600) -> str | No
     return state
 
 
-def test_deployment_runs_through_a_real_worker(prefect_server, mlflow_sqlite, tmp_path):
-    """prefect.yaml -> `prefect deploy --all` -> a process worker -> `prefect deployment run`, as a
-    user would: every flow has a deployment; the pipeline and one stage run through the worker
-    (on a copy of the repo with a tiny config), and MLflow shows what ran, with Prefect's links."""
-    import mlflow
-
-    home = repo_copy(tmp_path / "home")
-    env = {**os.environ, "LLMFORGE_HOME": str(home), "PREFECT_API_URL": prefect_server}
+@contextlib.contextmanager
+def deployments_and_worker(home: Path, server: str, log: Path):
+    """prefect.yaml -> `prefect deploy --all` -> a process worker (its output in ``log``), as a
+    user would set them up; every flow must have a deployment."""
+    env = {**os.environ, "LLMFORGE_HOME": str(home), "PREFECT_API_URL": server}
     prefect = [sys.executable, "-m", "prefect"]
     subprocess.run(
         [*prefect, "work-pool", "create", "llmforge", "--type", "process"],
@@ -455,49 +466,40 @@ def test_deployment_runs_through_a_real_worker(prefect_server, mlflow_sqlite, tm
         timeout=300,
     )
     assert dep.returncode == 0, dep.stdout[-2000:] + dep.stderr[-2000:]
-    deployed = {d["name"] for d in api(prefect_server, "/deployments/filter", {})}
+    deployed = {d["name"] for d in api(server, "/deployments/filter", {})}
     flows_in_repo = {p.stem for p in (REPO / "flows").glob("*.py")} - {"__init__", "cli"}
     assert deployed == flows_in_repo == set(STAGES) | {"pipeline"}, deployed
-    worker = subprocess.Popen(
-        [*prefect, "worker", "start", "--pool", "llmforge"],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        for name in ("pipeline/pipeline", "ingest/ingest"):
-            run = subprocess.run(
-                [*prefect, "deployment", "run", name],
-                cwd=home,
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=120,
-            )
-            assert run.returncode == 0, run.stderr[-2000:]
-            assert wait_for_run(prefect_server, name.split("/")[1]) == "COMPLETED", name
-        assert json.loads((home / "metrics/ingest.json").read_text())["docs_out"] == 9
-        assert (home / "release/llmforge-demo-0.1.0/SHA256SUMS").exists()
-    finally:
-        # Stopping the worker is Prefect's business, not what this test checks: a loaded CI
-        # machine once took over 30 s for its graceful shutdown, so it gets 60 s, then SIGKILL.
-        worker.terminate()
+    with open(log, "w") as out:
+        worker = subprocess.Popen(
+            [*prefect, "worker", "start", "--pool", "llmforge"],
+            cwd=home.parent,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
         try:
-            worker.wait(60)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.wait(30)
-    # MLflow: a model-development experiment; the pipeline's parent run says which stages ran;
-    # every stage run carries its stage, its status and the Prefect flow run it came from.
-    mlflow.set_tracking_uri(mlflow_sqlite)
-    exp = mlflow.get_experiment_by_name("llmforge")
-    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
-    runs = mlflow.search_runs([exp.experiment_id], output_format="list")
-    parent = next(r for r in runs if r.data.tags.get("llmforge.kind") == "pipeline")
-    assert {parent.data.tags[f"llmforge.stage.{s}"] for s in STAGES} == {"ran"}
-    stages = [r for r in runs if r.data.tags.get("llmforge.kind") == "stage"]
-    assert {r.data.tags["llmforge.stage"] for r in stages} == set(STAGES)
-    for r in stages:
-        assert r.data.tags["llmforge.status"] == "ran"
-        assert r.data.tags["prefect.flow_run_url"].startswith(prefect_server.removesuffix("/api"))
+            yield
+        finally:
+            # Stopping the worker is Prefect's business, not what this test checks: a loaded CI
+            # machine once took over 30 s for its graceful shutdown, so it gets 60 s, then SIGKILL.
+            worker.terminate()
+            try:
+                worker.wait(60)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait(30)
+
+
+def run_deployment(home: Path, server: str, name: str) -> None:
+    """`prefect deployment run NAME`; the flow run must complete on the worker."""
+    env = {**os.environ, "LLMFORGE_HOME": str(home), "PREFECT_API_URL": server}
+    run = subprocess.run(
+        [sys.executable, "-m", "prefect", "deployment", "run", name],
+        cwd=home,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert wait_for_run(server, name.split("/")[1]) == "COMPLETED", name
