@@ -37,15 +37,23 @@ def _public_ip(text: str) -> bool:
     )
 
 
+# Every address has this around its ``@``; starting with the literal, it is found by fast substring
+# search. In code most ``@`` are decorators (``@property``, or ``@functools.wraps`` after spaces),
+# which it rejects, so most files skip the line-by-line pass.
+_EMAIL_GATE = re.compile(
+    r"@(?<=[A-Za-z0-9._%+-]@)[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b"
+)
+
+
 def _emails(text: str) -> tuple[str, int]:
-    """E-mail addresses replaced, scanning only the lines that contain an ``@``: the pattern starts
+    """E-mail addresses replaced, scanning only the lines that hold a candidate: the pattern starts
     with a character class, so over a whole file it would be tried at every position."""
-    if "@" not in text:
+    if "@" not in text or not _EMAIL_GATE.search(text):
         return text, 0
     lines = text.split("\n")
     total = 0
     for i, line in enumerate(lines):
-        if "@" in line:
+        if "@" in line and _EMAIL_GATE.search(line):
             lines[i], n = EMAIL.subn("<EMAIL>", line)
             total += n
     return ("\n".join(lines), total) if total else (text, 0)

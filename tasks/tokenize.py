@@ -80,10 +80,9 @@ def iter_texts(parts: Sequence[Path], share: float = 1.0) -> Iterator[str]:
     for part in parts:
         f = pq.ParquetFile(part)
         for batch in f.iter_batches(columns=["text", "sha256"], batch_size=256):
-            texts, hashes = batch.column(0).to_pylist(), batch.column(1).to_pylist()
-            for text, h in zip(texts, hashes, strict=True):
-                if in_sample(h, share):
-                    yield text
+            if share < 1.0:  # Python strings only for the texts in the sample
+                batch = batch.filter([in_sample(h, share) for h in batch.column(1).to_pylist()])
+            yield from batch.column(0).to_pylist()
 
 
 def train_tokenizer(cfg: TokenizeConfig):
