@@ -43,6 +43,16 @@ def wait_http(
     raise RuntimeError(f"{url} did not answer within {timeout}s")
 
 
+def stop_process(proc: subprocess.Popen, grace: float) -> None:
+    """SIGTERM, ``grace`` seconds to exit, then SIGKILL."""
+    proc.terminate()
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(30)
+
+
 @contextlib.contextmanager
 def running_server(
     cmd: list[str], health_url: str, log: Path, env: dict | None = None, timeout: float = 180
@@ -54,11 +64,7 @@ def running_server(
         wait_http(health_url, timeout, proc, log)
         yield proc
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc, 30)
 
 
 @pytest.fixture(scope="session")

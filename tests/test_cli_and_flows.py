@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from flows.pipeline import STAGES
-from tests.conftest import REPO, make_corpus, run_flow
+from tests.conftest import REPO, make_corpus, run_flow, stop_process
 
 pytestmark = pytest.mark.integration
 
@@ -482,12 +482,7 @@ def deployments_and_worker(home: Path, server: str, log: Path):
         finally:
             # Stopping the worker is Prefect's business, not what this test checks: a loaded CI
             # machine once took over 30 s for its graceful shutdown, so it gets 60 s, then SIGKILL.
-            worker.terminate()
-            try:
-                worker.wait(60)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-                worker.wait(30)
+            stop_process(worker, 60)
 
 
 def run_deployment(home: Path, server: str, name: str) -> None:
