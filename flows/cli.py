@@ -55,6 +55,7 @@ def run_cli(flow_fn, description: str, argv: list[str] | None = None, preflight=
     """Exit status: 0 done, 2 a problem the user can fix (one clear line), 75 stopped (resumable),
     1 anything else (a traceback). ``preflight(params)`` checks inputs before anything starts."""
     from tasks.redaction import install_log_redaction
+    from tasks.runners import freeze_gc
     from tasks.train import EXIT_STOPPED, TrainStopped  # 75: stopped after a checkpoint
 
     try:
@@ -63,6 +64,7 @@ def run_cli(flow_fn, description: str, argv: list[str] | None = None, preflight=
             preflight(params)
         install_log_redaction()
         shared_ephemeral_server()
+        freeze_gc()
         flow_fn(params_file=args.params, overrides=args.overrides)
     except TrainStopped as exc:
         print(f"stopped: {exc}", file=sys.stderr)

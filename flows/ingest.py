@@ -21,12 +21,13 @@ def ingest(params_file: str = "params.yaml", overrides: list[str] | None = None)
 
     params: Params = load_params(params_file, overrides or [])
     cfg, log = params.data, get_run_logger()
-    with tracking.stage_run("ingest", params, "data") as run:
+    # The workers start first: their start-up overlaps the MLflow run's.
+    runner = task_runner(params.infra, cfg.workers)
+    with runner, tracking.stage_run("ingest", params, "data") as run:
         log.info("ingest on %s", describe(params.infra, cfg.workers))
-        with task_runner(params.infra, cfg.workers) as runner:
-            summary = run_ingest(
-                cfg, S3Settings.from_infra(params.infra), task_map(runner, log.info), log=log.info
-            )
+        summary = run_ingest(
+            cfg, S3Settings.from_infra(params.infra), task_map(runner, log.info), log=log.info
+        )
         tracking.log_stage_outputs(summary.metrics, summary.seconds, {"card.json": summary.card})
         url = tracking.run_url(run, params.infra)
         create_markdown_artifact(

@@ -18,9 +18,9 @@ from tasks.tokenize import mixture_table, run_tokenize
 def tokenize(params_file: str = "params.yaml", overrides: list[str] | None = None) -> dict:
     params = load_params(params_file, overrides or [])
     cfg, log = params.tokenize, get_run_logger()
-    with tracking.stage_run("tokenize", params, "tokenize") as run:
-        with task_runner(params.infra, cfg.workers) as runner:
-            summary = run_tokenize(cfg, task_map(runner, log.info), log.info)
+    runner = task_runner(params.infra, cfg.workers)  # started first, as in ingest
+    with runner, tracking.stage_run("tokenize", params, "tokenize") as run:
+        summary = run_tokenize(cfg, task_map(runner, log.info), log.info)
         tracking.log_stage_outputs(summary.metrics, summary.seconds, {"index.json": summary.index})
         tracking.log_tags(
             {

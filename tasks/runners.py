@@ -7,11 +7,14 @@ single-threaded processes bound to 127.0.0.1. Flows submit the same tasks either
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
+import gc
 import logging
 import os
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from typing import TypeVar
 
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner
@@ -116,9 +119,40 @@ def task_map(runner: TaskRunner, log: Callable[[str], None]) -> MapFn:
     return map_fn
 
 
+def freeze_gc() -> None:
+    """Exempt what is alive now from the cyclic GC, and everything at exit.
+
+    Each full collection rescans every live object, and the interpreter's teardown does once
+    more. Frozen objects are still freed by reference counting; the OS takes the rest at exit.
+    Called after the imports, in a stage's main process and in each pool worker. On the 405 MB
+    ingest: the driver's GC time 0.95 -> 0.56 s, and its teardown after the last log line
+    0.8 -> 0.08 s."""
+    gc.freeze()
+    atexit.register(gc.freeze)
+
+
+class WarmProcessPool(ProcessPoolTaskRunner):
+    """Prefect's process pool with its workers started as it is entered, not at the first task:
+    a spawned worker's interpreter and imports (~1 CPU-s) then overlap the driver's own serial
+    start (the MLflow run, planning) instead of following it. On the 405 MB ingest benchmark that
+    is about a second of wall time on 2 cores."""
+
+    def __init__(self, max_workers: int):
+        super().__init__(max_workers=max_workers, initializer=freeze_gc)
+        self.workers = max_workers
+
+    def __enter__(self) -> WarmProcessPool:
+        super().__enter__()
+        pool = getattr(self, "_executor", None)  # Prefect's executor; without one, start lazily
+        if isinstance(pool, ProcessPoolExecutor):
+            for _ in range(self.workers):  # each submission to a busy pool starts a worker
+                pool.submit(os.getpid)
+        return self
+
+
 def task_runner(infra: InfraConfig, workers: int) -> TaskRunner:
     if infra.task_runner == "process":
-        return ProcessPoolTaskRunner(max_workers=workers)
+        return WarmProcessPool(workers)
     # Dask logs every connection and worker event at INFO; keep the stage's log readable unless
     # the user asked for more (the variable reaches the worker processes too).
     level = os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
