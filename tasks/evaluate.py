@@ -285,6 +285,10 @@ def eval_lm(cfg: EvaluateConfig, log: Log = print):
         trust_remote_code=False,
     )
     lm.log = log
+    # A context longer than the model's is cut from the left before the model sees it (and counted
+    # as truncated), so transformers' "Token indices sequence length is longer than the specified
+    # maximum ... will result in indexing errors" warning, printed once per run, is wrong here.
+    lm.tokenizer.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True
     _reset_counts(lm, "requests")
     return lm
 

@@ -3,6 +3,7 @@ identical to lm-eval's, scores aligned with their items, intervals, and the bad-
 
 from __future__ import annotations
 
+import logging
 import math
 
 import datasets
@@ -157,6 +158,15 @@ def test_each_benchmark_runs_offline_on_a_tiny_model(eval_model):
 
     model_dir, _ = eval_model
     lm = eval_lm(EvaluateConfig(model_dir=str(model_dir), batch_size=4), print)
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("transformers").addHandler(handler)
+    try:  # a prompt over the context is cut from the left: no "indexing errors" warning for it
+        assert len(lm.tok_encode("word " * 2 * lm.max_length)) > lm.max_length
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    assert not [r for r in records if "sequence length is longer" in r.getMessage()]
     for name in MC:
         r = run_multiple_choice(cfg_with(name, 8 if name != "mmlu" else 57), lm, name, print)
         assert r["status"] == "ran", r
