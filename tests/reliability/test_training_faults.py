@@ -223,7 +223,8 @@ def test_bad_shape_fails_before_anything_starts(tmp_path, figure):
 
 
 def test_mfu_never_above_one(figure):
-    """The CPU roof is the theoretical peak, which a timed matmul on this machine never passes."""
+    """The CPU roof is the theoretical peak, which a timed matmul on this machine never passes,
+    even where a virtual machine reports its base clock and hides its turbo (as here)."""
     import torch
 
     from model.metrics import cpu_peak
