@@ -48,18 +48,21 @@ def _cpu_ghz() -> tuple[float, str]:
     return 3.0, "assumed 3 GHz"
 
 
-@functools.cache
-def _matmul_ghz(cores: int, flop_per_cycle: int) -> float:
-    """The clock a timed fp32 matmul implies (best of ten 1024 x 1024 products, ~50 ms): a lower
-    bound on the clock the cores really run at."""
-    n = 1024
+def timed_matmul_flops(repeats: int = 10, n: int = 1024) -> float:
+    """The best fp32 FLOP/s of ``repeats`` timed n x n matrix products (~5 ms each at n = 1024)."""
     a, b = torch.randn(n, n), torch.randn(n, n)
     best = 0.0
-    for _ in range(10):
+    for _ in range(repeats):
         t = time.perf_counter()
         a @ b
         best = max(best, 2 * n**3 / (time.perf_counter() - t))
-    return best / (cores * flop_per_cycle * 1e9)
+    return best
+
+
+@functools.cache
+def _matmul_ghz(cores: int, flop_per_cycle: int) -> float:
+    """The clock a timed matmul implies: a lower bound on the clock the cores really run at."""
+    return timed_matmul_flops() / (cores * flop_per_cycle * 1e9)
 
 
 # A single timing does not catch the top clock: the roof is set this much above the one measured.
