@@ -10,7 +10,8 @@ from prefect.artifacts import create_markdown_artifact
 from flows.cli import run_cli
 from tasks import tracking
 from tasks.config import Params
-from tasks.ingest import card_markdown, run_ingest
+from tasks.ingest import card_markdown, ingest_started
+from tasks.redaction import install_log_redaction
 from tasks.runners import describe, task_map, task_runner
 from tasks.storage import S3Settings
 
@@ -21,13 +22,18 @@ def ingest(params_file: str = "params.yaml", overrides: list[str] | None = None)
 
     params: Params = load_params(params_file, overrides or [])
     cfg, log = params.data, get_run_logger()
-    # The workers start first: their start-up overlaps the MLflow run's.
+    install_log_redaction()  # stage_run installs it too, but the planning logs before that
+    # The workers start first and get the shards before the MLflow run opens: its start-up (~2
+    # CPU-s with a SQLite store) overlaps theirs and the cleaning. Bad input fails in the planning.
+    log.info("ingest on %s", describe(params.infra, cfg.workers))
     runner = task_runner(params.infra, cfg.workers)
-    with runner, tracking.stage_run("ingest", params, "data") as run:
-        log.info("ingest on %s", describe(params.infra, cfg.workers))
-        summary = run_ingest(
-            cfg, S3Settings.from_infra(params.infra), task_map(runner, log.info), log=log.info
-        )
+    s3 = S3Settings.from_infra(params.infra)
+    with (
+        runner,
+        ingest_started(cfg, s3, task_map(runner, log.info), log=log.info) as finish,
+        tracking.stage_run("ingest", params, "data") as run,
+    ):
+        summary = finish()
         tracking.log_stage_outputs(summary.metrics, summary.seconds, {"card.json": summary.card})
         url = tracking.run_url(run, params.infra)
         create_markdown_artifact(

@@ -10,11 +10,12 @@ not grow with the text of the corpus: no process ever holds more than a shard or
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from tasks.dedup import (
     minhash_permutations,
 )
 from tasks.normalize import DecodeError, decode, normalize_text
-from tasks.runners import MapFn, release_memory, serial_map
+from tasks.runners import MapFn, release_memory, serial_map, start_map
 from tasks.scrub import scrub
 from tasks.sources import Bad, Item, SourceError, discover, read_item
 from tasks.storage import S3Settings, atomic_dir, scratch_dir
@@ -301,16 +302,18 @@ def _docs_read(result: ShardResult) -> int:
     return sum(st.docs_in for st in result.stats.values())
 
 
-def run_ingest(
+@contextlib.contextmanager
+def ingest_started(
     cfg: DataConfig,
     s3: S3Settings | None = None,
     map_fn: MapFn = serial_map,
     out_dir: str | None = None,
     log: Callable[[str], None] = print,
-) -> IngestSummary:
-    """The whole stage: plan, clean the shards into a staging folder (``map_fn`` runs them, in
-    parallel under the flow), then :func:`finalize`. The staging folder is removed whatever
-    happens; a killed run's is removed by the next run."""
+) -> Iterator[Callable[[], IngestSummary]]:
+    """The stage begun: planned (bad input fails here, before any work) and the shards handed to
+    ``map_fn``'s workers, which clean them into a staging folder while the caller goes on (the
+    flow opens its MLflow run meanwhile). What it yields waits for them and :func:`finalize`\ s.
+    The staging folder is removed on leaving, whatever happens; a killed run's by the next run."""
     shards = plan_shards(cfg, s3)
     sizes = [sum(item.size for item in s) for s in shards]
     log(f"{sum(map(len, shards))} input item(s) in {len(shards)} shard(s)")
@@ -333,14 +336,21 @@ def run_ingest(
             }
             for i, s in enumerate(shards)
         ]
-        results = map_fn(
-            process_shard,
-            jobs,
-            "ingest: read+clean",
-            sizes,
-            _docs_read,
-        )
-        return finalize(results, cfg, str(out), map_fn)
+        results = start_map(map_fn, process_shard, jobs, "ingest: read+clean", sizes, _docs_read)
+        yield lambda: finalize(results(), cfg, str(out), map_fn)
+
+
+def run_ingest(
+    cfg: DataConfig,
+    s3: S3Settings | None = None,
+    map_fn: MapFn = serial_map,
+    out_dir: str | None = None,
+    log: Callable[[str], None] = print,
+) -> IngestSummary:
+    """The whole stage: plan, clean the shards into a staging folder (``map_fn`` runs them, in
+    parallel under the flow), then :func:`finalize`."""
+    with ingest_started(cfg, s3, map_fn, out_dir, log) as finish:
+        return finish()
 
 
 def finalize(

@@ -41,7 +41,8 @@ def as_task(name: str, fn: Callable[[], T]) -> T:
 # How a stage maps a plain function over jobs: ``map_fn(fn, kwargs_list, label, weights, docs)``
 # returns ``[fn(**kw) for kw in kwargs_list]`` in order. ``weights`` (bytes) drive the progress
 # line, and ``docs(result)``, when given, the documents it counts. Tests and benchmarks call the
-# stages with ``serial_map``; the flows pass ``task_map``.
+# stages with ``serial_map``; the flows pass ``task_map``. A stage that has other work to do while
+# the jobs run calls ``start_map`` instead.
 MapFn = Callable[..., list]
 
 
@@ -53,6 +54,16 @@ def serial_map(
     docs: Callable | None = None,
 ) -> list:
     return [fn(**kw) for kw in kwargs_list]
+
+
+def start_map(map_fn: MapFn, fn: Callable, kwargs_list: list[dict], *args) -> Callable[[], list]:
+    """``map_fn(fn, kwargs_list, *args)`` begun now where ``map_fn`` can run jobs in the
+    background (``task_map``'s workers), and what waits for its results. With ``serial_map`` the
+    jobs run when the results are asked for."""
+    start = getattr(map_fn, "start", None)
+    if start is None:
+        return functools.partial(map_fn, fn, kwargs_list, *args)
+    return start(fn, kwargs_list, *args)
 
 
 def release_memory() -> None:
@@ -97,25 +108,34 @@ def _prefect_task(fn: Callable):
 
 def task_map(runner: TaskRunner, log: Callable[[str], None]) -> MapFn:
     """A ``MapFn`` that runs each job as a Prefect task run (retried once) on ``runner`` and logs
-    progress in MB with a rate and an ETA as jobs complete, whatever order they complete in."""
+    progress in MB with a rate and an ETA as jobs complete, whatever order they complete in. Its
+    ``start`` submits every job at once and returns what collects the results (``start_map``)."""
     from prefect.futures import as_completed
 
     from tasks.summary import Progress
 
-    def map_fn(fn, kwargs_list, label="", weights=None, docs=None):
-        weights = weights or [1] * len(kwargs_list)
-        progress = Progress(label or fn.__name__, sum(weights), log, unit=" MB", scale=1e-6)
+    def start(fn, kwargs_list, label="", weights=None, docs=None) -> Callable[[], list]:
+        sizes = weights or [1] * len(kwargs_list)
+        progress = Progress(label or fn.__name__, sum(sizes), log, unit=" MB", scale=1e-6)
         futures = [runner.submit(_prefect_task(fn), kw) for kw in kwargs_list]
-        where = {id(f): i for i, f in enumerate(futures)}
-        results: list = [None] * len(futures)
-        n_docs = 0
-        for f in as_completed(futures):
-            i = where[id(f)]
-            results[i] = f.result()
-            n_docs += docs(results[i]) if docs else 0
-            progress.advance(weights[i], f", {n_docs:,} docs" if docs else "")
+
+        def results() -> list:
+            where = {id(f): i for i, f in enumerate(futures)}
+            out: list = [None] * len(futures)
+            n_docs = 0
+            for f in as_completed(futures):
+                i = where[id(f)]
+                out[i] = f.result()
+                n_docs += docs(out[i]) if docs else 0
+                progress.advance(sizes[i], f", {n_docs:,} docs" if docs else "")
+            return out
+
         return results
 
+    def map_fn(fn, kwargs_list, label="", weights=None, docs=None) -> list:
+        return start(fn, kwargs_list, label, weights, docs)()
+
+    map_fn.start = start
     return map_fn
 
 

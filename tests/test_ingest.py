@@ -11,7 +11,14 @@ import pytest
 
 from tasks import ingest as ingest_mod
 from tasks.config import DataConfig, SourceConfig
-from tasks.ingest import SCHEMA, IngestError, plan_shards, process_shard, run_ingest
+from tasks.ingest import (
+    SCHEMA,
+    IngestError,
+    ingest_started,
+    plan_shards,
+    process_shard,
+    run_ingest,
+)
 from tasks.runners import serial_map
 from tasks.sources import SourceError
 from tests.conftest import REPO, make_corpus
@@ -182,6 +189,30 @@ def test_staged_shards_are_removed_on_success_and_on_failure(corpus, tmp_path):
     with pytest.raises(RuntimeError, match="worker lost"):
         run_ingest(cfg, out_dir=str(tmp_path / "bad" / "clean"), map_fn=dies_after_two)
     assert list((tmp_path / "bad").iterdir()) == []  # no output, no staging left behind
+
+
+def test_ingest_hands_the_shards_out_before_it_yields(corpus, tmp_path):
+    """The flow opens its MLflow run inside ``ingest_started``: by then the shards are with the
+    workers (started), and only the finish waits for them. Same output as ``run_ingest``."""
+    root, _ = corpus
+    cfg = cfg_for(root, tmp_path, shard_docs=2)
+    events: list[str] = []
+
+    def pool(fn, jobs, *progress):
+        return serial_map(fn, jobs)
+
+    def start(fn, jobs, *progress):
+        events.append(f"start {fn.__name__}")
+        return lambda: serial_map(fn, jobs)
+
+    pool.start = start
+    with ingest_started(
+        cfg, map_fn=pool, out_dir=str(tmp_path / "a"), log=lambda m: None
+    ) as finish:
+        events.append("yielded")
+        summary = finish()
+    assert events == ["start process_shard", "yielded"]
+    assert summary.card == run(cfg, tmp_path / "b").card
 
 
 def fake_code(rng, n_bytes: int) -> str:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import subprocess
 import sys
+import time
 
 import psutil
 
@@ -17,11 +19,19 @@ def _worker_state() -> tuple[int, int]:
 
 
 def _pool_workers() -> set[int]:
-    return {
-        p.pid
-        for p in psutil.Process().children()
-        if any("spawn_main" in arg for arg in p.cmdline())
-    }
+    """This process's children that run multiprocessing's ``spawn_main``. A child just forked
+    shows its parent's command line, or none, until it has exec'd: those are waited for."""
+    me = psutil.Process()
+    deadline = time.monotonic() + 10
+    while True:
+        lines = {}
+        for p in me.children():
+            with contextlib.suppress(psutil.Error):
+                lines[p.pid] = p.cmdline()
+        forking = [line for line in lines.values() if line in ([], me.cmdline())]
+        if not forking or time.monotonic() > deadline:
+            return {pid for pid, line in lines.items() if any("spawn_main" in a for a in line)}
+        time.sleep(0.05)
 
 
 def test_pool_workers_start_on_entry_and_freeze_their_start_up_objects(prefect_server):
@@ -64,3 +74,47 @@ def test_freeze_gc_still_collects_what_is_made_afterwards():
     )
     frozen, collected = out.stdout.split()
     assert int(frozen) > 1_000 and collected == "True"
+
+
+def _touch_after(path: str, gate: str | None = None) -> str:
+    deadline = time.monotonic() + 60
+    while gate and not os.path.exists(gate) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    with open(path, "w") as f:
+        f.write(path)
+    return path
+
+
+def test_start_map_runs_the_jobs_while_the_caller_goes_on(prefect_server, tmp_path):
+    """``start_map`` on the pool returns at once and the jobs run while the caller does other
+    work (the ingest flow opens its MLflow run then); the results come back in order. With
+    ``serial_map`` nothing runs until the results are asked for."""
+    from prefect import flow
+
+    from tasks.config import InfraConfig
+    from tasks.runners import serial_map, start_map, task_map, task_runner
+
+    paths = [str(tmp_path / f"job-{i}") for i in range(4)]
+    gate = str(tmp_path / "gate")  # the last job waits until the caller has seen the others run
+    jobs = [{"path": p} for p in paths[:3]] + [{"path": paths[3], "gate": gate}]
+
+    @flow
+    def on_a_pool():
+        with task_runner(InfraConfig(), 2) as runner:
+            results = start_map(task_map(runner, print), _touch_after, jobs)
+            deadline = time.monotonic() + 60
+            while not all(os.path.exists(p) for p in paths[:3]) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            ran_before_asked = sorted(p for p in paths if os.path.exists(p))
+            open(gate, "w").close()
+            return ran_before_asked, results()
+
+    ran_before_asked, results = on_a_pool()
+    assert ran_before_asked == paths[:3]
+    assert results == paths
+
+    for p in paths:
+        os.remove(p)
+    serial = start_map(serial_map, _touch_after, [{"path": p} for p in paths])
+    assert not any(os.path.exists(p) for p in paths)
+    assert serial() == paths and all(os.path.exists(p) for p in paths)
