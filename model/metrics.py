@@ -26,12 +26,12 @@ GPU_PEAK_BF16 = {
 }
 
 
-def _cpu_ghz() -> tuple[float, str]:
-    """The CPU's highest clock: cpufreq's maximum, else the clock /proc/cpuinfo reports."""
+def _cpu_ghz() -> tuple[float, str, bool]:
+    """The CPU's clock, where it was read, and whether it is the highest the cores reach:
+    cpufreq's maximum, else the clock /proc/cpuinfo reports (a base clock on many VMs)."""
     try:
-        return int(
-            Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq").read_text()
-        ) / 1e6, "cpufreq max"
+        path = Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq")
+        return int(path.read_text()) / 1e6, "cpufreq max", True
     except (OSError, ValueError):
         pass
     try:
@@ -41,10 +41,10 @@ def _cpu_ghz() -> tuple[float, str]:
             if line.startswith("cpu MHz")
         ]
         if mhz:
-            return max(mhz) / 1e3, "/proc/cpuinfo"
+            return max(mhz) / 1e3, "/proc/cpuinfo", False
     except (OSError, ValueError):
         pass
-    return 3.0, "assumed 3 GHz"
+    return 3.0, "assumed 3 GHz", False
 
 
 def timed_matmul_flops(repeats: int = 10, n: int = 1024) -> float:
@@ -58,13 +58,6 @@ def timed_matmul_flops(repeats: int = 10, n: int = 1024) -> float:
     return best
 
 
-def _matmul_ghz(cores: int, flop_per_cycle: int) -> float:
-    """The clock a timed matmul implies: a lower bound on the clock the cores really run at.
-    Timed at each call (~50 ms, once per run), never cached: a stale timing from a slower moment
-    would put the roof under a later one."""
-    return timed_matmul_flops() / (cores * flop_per_cycle * 1e9)
-
-
 # A large fp32 matmul reaches about 85% of a core's peak, and one timing does not catch the top
 # clock: the roof is set this much above the clock the timing implies.
 TURBO_HEADROOM = 1.2
@@ -72,13 +65,13 @@ TURBO_HEADROOM = 1.2
 
 def cpu_peak(threads: int | None = None) -> tuple[float, str]:
     """Theoretical fp32 peak of the cores torch uses: cores x clock x FLOPs per cycle, with two FMA
-    units per core (2 FLOPs each per vector lane). A stable roof that measured throughput cannot
-    pass, unlike a matmul timed once at start-up on a shared machine.
+    units per core (2 FLOPs each per vector lane), a roof that measured throughput cannot pass.
 
     The clock is cpufreq's maximum where the kernel exposes it. A virtual machine often does not,
     and its /proc/cpuinfo gives the base clock while the cores turbo above it (a 2.6 GHz VM here
-    timed 384 GFLOP/s against a 333 GFLOP/s roof): there the clock is at least what a timed
-    matmul implies, times TURBO_HEADROOM."""
+    timed 384 GFLOP/s against a 333 GFLOP/s roof). There the clock is at least what a matmul timed
+    now implies (~50 ms, once per run, never cached: a timing from a slower moment would put the
+    roof under a later one), times TURBO_HEADROOM."""
     cores = min(threads or torch.get_num_threads(), os.cpu_count() or 1)
     try:
         flags = set(Path("/proc/cpuinfo").read_text().split())
@@ -91,15 +84,16 @@ def cpu_peak(threads: int | None = None) -> tuple[float, str]:
         if {"avx2", "fma"} <= flags
         else (4, "128-bit SIMD")
     )
-    ghz, clock = _cpu_ghz()
-    if clock != "cpufreq max":
-        timed = TURBO_HEADROOM * _matmul_ghz(cores, 2 * 2 * lanes)
+    flop_per_cycle = 2 * 2 * lanes
+    ghz, clock, is_max = _cpu_ghz()
+    if not is_max:
+        timed = TURBO_HEADROOM * timed_matmul_flops() / (cores * flop_per_cycle * 1e9)
         if timed > ghz:
             ghz, clock = timed, f"turbo above the reported {ghz:.2f} GHz, from a timed matmul"
-    peak = cores * ghz * 1e9 * 2 * 2 * lanes
+    peak = cores * ghz * 1e9 * flop_per_cycle
     return (
         peak,
-        f"fp32 theoretical: {cores} cores x {ghz:.2f} GHz ({clock}) x {2 * 2 * lanes} FLOP/cycle ({isa})",
+        f"fp32 theoretical: {cores} cores x {ghz:.2f} GHz ({clock}) x {flop_per_cycle} FLOP/cycle ({isa})",
     )
 
 
