@@ -313,7 +313,8 @@ def ingest_started(
     """The stage begun: planned (bad input fails here, before any work) and the shards handed to
     ``map_fn``'s workers, which clean them into a staging folder while the caller goes on (the
     flow opens its MLflow run meanwhile). What it yields waits for them, then runs
-    :func:`finalize`. The staging folder is removed on leaving, whatever happens; a killed run's by the next run."""
+    :func:`finalize`. The staging folder is removed on leaving, whatever happens; a killed run's
+    by the next run."""
     shards = plan_shards(cfg, s3)
     sizes = [sum(item.size for item in s) for s in shards]
     log(f"{sum(map(len, shards))} input item(s) in {len(shards)} shard(s)")
