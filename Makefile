@@ -56,7 +56,7 @@ test: setup
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
-# A local Prefect server for the UI and the flows; idempotent.
+# A local Prefect server for the UI and the flows, with crash detection for killed runs; idempotent.
 up: setup
 	@mkdir -p $(STATE)
 	@if curl -fsS http://$(PREFECT_HOST):$(PREFECT_PORT)/api/health >/dev/null 2>&1; then \
@@ -72,6 +72,7 @@ up: setup
 		done; \
 		curl -fsS http://$(PREFECT_HOST):$(PREFECT_PORT)/api/health >/dev/null || { echo "Prefect server did not start"; exit 1; }; \
 	fi
+	@$(PREFECT_ENV) $(PY) -m tasks.crash_detection
 
 down:
 	@if [ -f $(STATE)/prefect.pid ]; then kill $$(cat $(STATE)/prefect.pid) 2>/dev/null || true; rm -f $(STATE)/prefect.pid; echo "Prefect server stopped"; fi

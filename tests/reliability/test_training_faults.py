@@ -3,6 +3,8 @@ resume bit-exactly, no worker outlives its launcher, and a planted checkpoint ne
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import pickle
 import random
@@ -11,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.request import urlopen
 
 import pytest
 
@@ -201,6 +204,65 @@ def test_preempted_flow_fails_and_a_rerun_resumes(data, tmp_path, prefect_server
     assert "resumed from" in again.stdout + again.stderr
     assert (d / "hf" / "model.safetensors").exists()
     figure("preempted train flow: exit status, Prefect state, rerun", f"75, {state}, resumed")
+
+
+def flow_run(api_url: str, run_id: str) -> dict:
+    with urlopen(f"{api_url}/flow_runs/{run_id}", timeout=30) as r:
+        return json.loads(r.read())
+
+
+def test_a_killed_flow_is_marked_crashed_by_the_servers_automation(
+    data, tmp_path, prefect_server, figure
+):
+    """SIGKILL gives a stage no chance to end its Prefect run. With ``tasks.crash_detection``'s
+    automation on the server (30 s heartbeats, Prefect's minimum), the run turns Crashed, with a
+    message that says what happened and what to do, once three heartbeats are missed."""
+    from prefect.automations import Automation
+
+    from tasks.crash_detection import NAME, ensure_crash_detection
+
+    assert ensure_crash_detection(60).startswith("crash detection created")
+    assert ensure_crash_detection(30).startswith("crash detection updated")
+    assert ensure_crash_detection(30).startswith("crash detection already in place")
+    d = tmp_path / "flow"
+    params = params_file(d, data, max_steps=100_000, ckpt_every=100)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{d}/m.db",
+        "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30",
+    }
+    log = tmp_path / "out.log"
+    try:
+        with open(log, "w") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "flows.train", "--params", str(params)],
+                cwd=REPO,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        wait_for_steps(d / "log.jsonl", 3, proc, timeout=300)
+        run_id = log.read_text().split("/runs/flow-run/")[1].split()[0]
+        assert flow_run(prefect_server, run_id)["state_type"] == "RUNNING"
+        proc.kill()  # the flow process only, as the OOM killer would
+        proc.wait(30)
+        killed = time.monotonic()
+        state = "RUNNING"
+        while state == "RUNNING" and time.monotonic() - killed < 150:
+            time.sleep(2)
+            run = flow_run(prefect_server, run_id)
+            state = run["state_type"]
+        took = time.monotonic() - killed
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # the torchrun launcher and its workers
+        Automation.read(name=NAME).delete()  # other tests' flows beat every 180 s
+    assert state == "CRASHED", state
+    assert "No heartbeat for 90 s" in run["state"]["message"] and "Rerun" in run["state"]["message"]
+    figure("killed flow run marked Crashed after s (3 missed 30 s heartbeats)", f"{took:.0f}")
+    assert took < 130
 
 
 def test_bad_shape_fails_before_anything_starts(tmp_path, figure):
