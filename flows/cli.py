@@ -38,6 +38,7 @@ def shared_ephemeral_server() -> None:
     and its children at it; otherwise every task worker process would start one of its own."""
     if os.environ.get("PREFECT_API_URL"):
         return
+    from prefect.context import refresh_global_settings_context
     from prefect.server.api.server import SubprocessASGIServer
 
     server = SubprocessASGIServer()
@@ -45,6 +46,7 @@ def shared_ephemeral_server() -> None:
         timeout=int(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180"))
     )
     os.environ["PREFECT_API_URL"] = server.api_url
+    refresh_global_settings_context()  # for Prefect's threads that carry no settings of their own
     atexit.register(server.stop)
 
 

@@ -94,22 +94,43 @@ class ShardResult:
 
 def plan_shards(cfg: DataConfig, s3: S3Settings | None = None) -> list[list[Item]]:
     """Discover every input and cut the list, in order, into shards of at most ``shard_docs``
-    items and (unless one item is larger) ``shard_bytes`` bytes, smaller where that would leave
-    fewer than four shards per worker (so the workers finish together)."""
+    items and (unless one item is larger) ``shard_bytes`` bytes; smaller where that would leave
+    fewer than four shards per worker; and as many of about equal size as make a multiple of the
+    workers, where shards of 1 MB or more allow: the workers then finish together instead of one
+    cleaning a last shard alone (at 405 MB, 13 shards of 32 MB became 14 of 29)."""
     items = discover(cfg, s3)
     if not items:
         raise IngestError("the sources hold no input at all; check data.sources")
     total = sum(item.size for item in items)
-    limit = min(cfg.shard_bytes, max(MIN_SHARD_BYTES, total // (SHARDS_PER_WORKER * cfg.workers)))
-    shards: list[list[Item]] = [[]]
+    w = cfg.workers
+    n = max(
+        -(-total // cfg.shard_bytes),
+        -(-len(items) // cfg.shard_docs),
+        min(SHARDS_PER_WORKER * w, total // MIN_SHARD_BYTES),
+        1,
+    )
+    if total // (-(-n // w) * w) >= MIN_SHARD_BYTES:
+        n = -(-n // w) * w
+    shards: list[list[Item]] = [[] for _ in range(n)]
+    at = 0
+    for item in items:  # each item to the shard its middle byte falls in
+        shards[min(n - 1, (2 * at + item.size) * n // (2 * max(total, 1)))].append(item)
+        at += item.size
+    return [piece for shard in shards if shard for piece in _within_limits(shard, cfg)]
+
+
+def _within_limits(items: list[Item], cfg: DataConfig) -> list[list[Item]]:
+    """``items`` cut, in order, where ``shard_docs`` items or ``shard_bytes`` bytes would be passed
+    (a shard of one item may be larger): rare after the even cut above, which aims below both."""
+    pieces: list[list[Item]] = [[]]
     size = 0
     for item in items:
-        if shards[-1] and (len(shards[-1]) >= cfg.shard_docs or size + item.size > limit):
-            shards.append([])
+        if pieces[-1] and (len(pieces[-1]) >= cfg.shard_docs or size + item.size > cfg.shard_bytes):
+            pieces.append([])
             size = 0
-        shards[-1].append(item)
+        pieces[-1].append(item)
         size += item.size
-    return shards
+    return pieces
 
 
 def doc_id(source_label: str, uri: str) -> str:
@@ -139,7 +160,8 @@ def process_shard(
     index = decontam_index(cfg, index_dir)
     res = ShardResult(stage_file, [], [], {}, [], [], dict.fromkeys(STEPS, 0.0))
     t = res.seconds
-    with pq.ParquetWriter(stage_file, SCHEMA, compression="lz4") as writer:
+    # no dictionaries: they never pay on unique texts (Arrow tries, then falls back), -25% CPU
+    with pq.ParquetWriter(stage_file, SCHEMA, compression="lz4", use_dictionary=False) as writer:
         batch: list[dict] = []
         size = 0
         for doc in _clean_items(items, cfg, s3, index, perms, res):
@@ -280,7 +302,7 @@ def write_parts(parts: list[tuple[list, str]]) -> list[str]:
     shards they need). One task writes several parts: a task costs more than a part."""
     for segments, path in parts:
         table = pa.concat_tables([_read_rows(f, rows) for f, rows in segments]).combine_chunks()
-        pq.write_table(table, path, compression="zstd")
+        pq.write_table(table, path, compression="zstd", use_dictionary=["source"])  # as above
     return [Path(path).name for _, path in parts]
 
 

@@ -70,6 +70,10 @@ def running_server(
 @pytest.fixture(scope="session")
 def prefect_server(tmp_path_factory):
     """A real `prefect server` on 127.0.0.1 for the whole session; PREFECT_API_URL points at it."""
+    from prefect.context import refresh_global_settings_context
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
     home = tmp_path_factory.mktemp("prefect-home")
     port = free_port()
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
@@ -90,12 +94,19 @@ def prefect_server(tmp_path_factory):
         old = {k: os.environ.get(k) for k in ("PREFECT_API_URL", "PREFECT_HOME")}
         os.environ["PREFECT_API_URL"] = url
         os.environ["PREFECT_HOME"] = str(home)
+        # Prefect read its settings when first imported; its threads without a settings context
+        # (the process pool's event forwarder) would otherwise start a temporary server of their
+        # own and send the task runs' events there
+        refresh_global_settings_context()
         yield url
+        APILogWorker.drain_all(timeout=30)  # the logs and events still queued, while it is up
+        EventsWorker.drain_all(timeout=30)
         for k, v in old.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+        refresh_global_settings_context()
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ from tasks.dedup import (
     batch_token_hashes,
     deduplicate,
     doc_signature,
+    lsh_bands,
     minhash_permutations,
     ngram_hashes,
     signature,
@@ -40,6 +41,17 @@ def test_signature_equals_datasketch_update_batch():
     ref.update_batch([int(x) for x in shingles.astype(np.uint32)])
     assert np.array_equal(signature(shingles, perms), ref.hashvalues)
     assert np.array_equal(np.array(perms), ref.permutations)  # written out, not imported
+
+
+def test_lsh_bands_equal_datasketchs_choice():
+    """The Gauss-Legendre band choice against datasketch's scipy integrals, over the thresholds
+    and permutation counts a user may set (the default 0.8, 128 included)."""
+    from datasketch.lsh import _optimal_param
+
+    cases = [(t / 20, n) for n in (8, 16, 64, 100, 128, 256) for t in range(1, 20)]
+    ours = [lsh_bands(t, n) for t, n in cases]
+    assert ours == [_optimal_param(t, n, 0.5, 0.5) for t, n in cases]
+    assert lsh_bands(0.8, 128) == (9, 13) and len(set(ours)) > 40
 
 
 def test_batches_equal_one_text_at_a_time():
