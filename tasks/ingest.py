@@ -50,6 +50,8 @@ SCHEMA = pa.schema(
         ("n_bytes", pa.int64()),
     ]
 )
+# Per staged document, all the driver keeps: 42 bytes, not a dict of strings (~560 bytes)
+META = np.dtype([("sha256", "S32"), ("source", np.int32), ("n_bytes", np.int64)])
 SHARDS_PER_WORKER = 4  # at least, where shards of 1 MB or more allow
 MIN_SHARD_BYTES = 1_000_000
 BATCH_BYTES = 500_000  # cleaned documents are hashed and signed in batches of about this size
@@ -84,8 +86,8 @@ class SourceStats:
 @dataclass
 class ShardResult:
     stage_file: str  # the cleaned documents, in order (SCHEMA)
-    rows: list[dict]  # their metadata: SCHEMA without the text
-    signatures: list[np.ndarray]  # MinHash signatures of the rows: 2-D blocks, in order
+    meta: list[np.ndarray]  # what dedup and the card need of them (META): blocks, in order
+    signatures: list[np.ndarray]  # their MinHash signatures: 2-D blocks, in order
     stats: dict[int, SourceStats]
     quarantine: list[dict]
     contamination: list[dict]
@@ -155,7 +157,7 @@ def process_shard(
     index_dir: str | None = None,
 ) -> ShardResult:
     """Clean one shard's items; write the kept documents to ``stage_file`` and return everything
-    else (metadata, signatures, counts, quarantine and contamination rows)."""
+    else (digests, sizes, signatures, counts, quarantine and contamination rows)."""
     perms = minhash_permutations(cfg.minhash_perm, cfg.seed)
     index = decontam_index(cfg, index_dir)
     res = ShardResult(stage_file, [], [], {}, [], [], dict.fromkeys(STEPS, 0.0))
@@ -224,8 +226,9 @@ def _clean_items(items, cfg, s3, index, perms, res: ShardResult):
             text, found = scrub(text, cfg)
             st.pii.update(found)
             t["scrub"] += time.perf_counter() - t2
-            batch.append((src, raw.uri, text, text.encode("utf-8", "surrogatepass"), st))
-            size += len(batch[-1][3])
+            data = text.encode("utf-8", "surrogatepass")
+            batch.append((item.source, src, raw.uri, text, data, st))
+            size += len(data)
             if size >= BATCH_BYTES:
                 yield from _hash_batch(batch, cfg, index, perms, res)
                 batch, size = [], 0
@@ -233,12 +236,13 @@ def _clean_items(items, cfg, s3, index, perms, res: ShardResult):
 
 
 def _hash_batch(batch: list[tuple], cfg, index, perms, res: ShardResult):
-    """Decontaminate, hash and sign a batch of cleaned documents ``(source, uri, text, utf-8,
-    stats)`` with array operations over all of them at once; yield the kept ones in order."""
+    """Decontaminate, hash and sign a batch of cleaned documents ``(source index, source, uri,
+    text, utf-8, stats)`` with array operations over all of them at once; yield the kept ones in
+    order."""
     if not batch:
         return
     t, t0 = res.seconds, time.perf_counter()
-    tok, bounds = batch_token_hashes([doc[3] for doc in batch])  # for decontamination and MinHash
+    tok, bounds = batch_token_hashes([doc[4] for doc in batch])  # for decontamination and MinHash
     t1 = time.perf_counter()
     hits: list[list[str]] = [[] for _ in batch]
     if index is not None:
@@ -247,22 +251,26 @@ def _hash_batch(batch: list[tuple], cfg, index, perms, res: ShardResult):
     sigs = batch_signatures(tok, bounds, cfg.dedup_ngram, perms)
     t["tokenize"] += t1 - t0
     t["decontam"] += t2 - t1
-    kept, signed = [], []
-    for i, ((src, uri, text, data, st), found) in enumerate(zip(batch, hits, strict=True)):
+    kept, signed, meta = [], [], []
+    for i, ((k, src, uri, text, data, st), found) in enumerate(zip(batch, hits, strict=True)):
         if found:
             st.contaminated += 1
             res.contamination.append({"uri": uri, "source": src.label, "matches": found})
             continue
-        row = {
-            "id": doc_id(src.label, uri),
-            "source": src.label,
-            "uri": uri,
-            "sha256": hashlib.sha256(data).hexdigest(),
-            "n_bytes": len(data),
-        }
-        res.rows.append(row)
+        digest = hashlib.sha256(data).digest()
+        meta.append((digest, k, len(data)))
         signed.append(i)
-        kept.append({**row, "text": text})
+        kept.append(
+            {
+                "id": doc_id(src.label, uri),
+                "text": text,
+                "source": src.label,
+                "uri": uri,
+                "sha256": digest.hex(),
+                "n_bytes": len(data),
+            }
+        )
+    res.meta.append(np.array(meta, dtype=META))
     res.signatures.append(sigs[signed])
     t["hash_minhash"] += time.perf_counter() - t2
     yield from kept
@@ -385,8 +393,8 @@ def finalize(
     """Global dedup in shard order on the documents' metadata and signatures, then the output
     parts cut from the staged shards, card, quarantine and metrics, written atomically."""
     t0 = time.perf_counter()
-    rows = [r for res in results for r in res.rows]
-    where = [(res.stage_file, i) for res in results for i in range(len(res.rows))]
+    meta = np.concatenate([m for res in results for m in res.meta] or [np.zeros(0, META)])
+    where = [(res.stage_file, i) for res in results for i in range(sum(len(m) for m in res.meta))]
     blocks = [s for res in results for s in res.signatures]
     for res in results:  # the one copy left is ``sigs``, freed after dedup
         res.signatures = []
@@ -399,23 +407,26 @@ def finalize(
     quarantine = [q for res in results for q in res.quarantine]
     contamination = [c for res in results for c in res.contamination]
 
-    shas = [r["sha256"] for r in rows]
+    shas = meta["sha256"].tolist()
     dd = deduplicate(shas, sigs, cfg.minhash_threshold, cfg.minhash_perm, map_fn, cfg.workers)
-    by_label = {src.label: i for i, src in enumerate(cfg.sources)}
+    del shas
+    source = meta["source"].tolist()
     dup = {i: Counter() for i in stats}
     for i in dd.exact_of:
-        dup[by_label[rows[i]["source"]]]["exact"] += 1
+        dup[source[i]]["exact"] += 1
     for i in dd.near_of:
-        dup[by_label[rows[i]["source"]]]["near"] += 1
-    kept = [r for r, k in zip(rows, dd.keep, strict=True) if k]
-    kept_at = [(*w, r["n_bytes"]) for w, r, k in zip(where, rows, dd.keep, strict=True) if k]
+        dup[source[i]]["near"] += 1
+    keep = np.array(dd.keep, dtype=bool)
+    kept = meta[keep]  # the surviving documents' sources and sizes, for the card
+    sizes = meta["n_bytes"].tolist()
+    kept_at = [(*w, sizes[i]) for i, w in enumerate(where) if dd.keep[i]]
     # The signatures and dedup's working set are done with: hand the heap back before the parts
     # are written, when the workers are busy again (at 405 MB: 371 MB then, not 406).
     del sigs, where
     release_memory()
     t_dedup = time.perf_counter() - t0
 
-    if not kept:
+    if not len(kept):
         dropped = sum((st.filtered for st in stats.values()), Counter())
         raise IngestError(
             "no usable document left after cleaning: "
@@ -457,15 +468,13 @@ def finalize(
 
 
 def build_card(cfg, stats, dup, kept, n_exact, n_near, contamination, n_quarantined) -> dict:
-    out_by_source: dict[str, list[int]] = {}
-    for r in kept:
-        c = out_by_source.setdefault(r["source"], [0, 0])
-        c[0] += 1
-        c[1] += r["n_bytes"]
+    """``kept``: the META of the documents that survive."""
+    docs_by_source = np.bincount(kept["source"], minlength=len(cfg.sources)).tolist()
+    bytes_by_source = np.zeros(len(cfg.sources), np.int64)
+    np.add.at(bytes_by_source, kept["source"], kept["n_bytes"])
     sources = []
     for i, src in enumerate(cfg.sources):
         st = stats[i]
-        docs_out, bytes_out = out_by_source.get(src.label, [0, 0])
         sources.append(
             {
                 "name": src.label,
@@ -480,8 +489,8 @@ def build_card(cfg, stats, dup, kept, n_exact, n_near, contamination, n_quaranti
                 "pii_replaced": dict(sorted(st.pii.items())),
                 "contaminated": st.contaminated,
                 "encodings": dict(sorted(st.encodings.items())),
-                "docs_out": docs_out,
-                "bytes_out": bytes_out,
+                "docs_out": docs_by_source[i],
+                "bytes_out": int(bytes_by_source[i]),
             }
         )
     filtered = sum((st.filtered for st in stats.values()), Counter())
@@ -490,7 +499,7 @@ def build_card(cfg, stats, dup, kept, n_exact, n_near, contamination, n_quaranti
         "docs_in": sum(s["docs_in"] for s in sources),
         "bytes_in": sum(s["bytes_in"] for s in sources),
         "docs_out": len(kept),
-        "bytes_out": sum(r["n_bytes"] for r in kept),
+        "bytes_out": int(kept["n_bytes"].sum()),
         "quarantined": n_quarantined,
         "filtered": sum(filtered.values()),
         "exact_duplicates": n_exact,
