@@ -178,7 +178,8 @@ def process_shard(
 
 def _stage(writer: pq.ParquetWriter, docs: list[dict], seconds: dict[str, float]) -> None:
     t0 = time.perf_counter()
-    writer.write_table(pa.Table.from_pylist(docs, schema=SCHEMA))
+    # column by column: Arrow converts a list of strings ~2.5x faster than a list of dicts
+    writer.write_table(pa.table({n: [d[n] for d in docs] for n in SCHEMA.names}, schema=SCHEMA))
     seconds["stage"] += time.perf_counter() - t0
 
 
