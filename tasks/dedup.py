@@ -7,13 +7,13 @@ update formula (written out, tested against it), computed in blocks so a large d
 builds a huge matrix.
 
 Near duplicates are found by LSH banding as distributable steps: each band (datasketch's optimal
-bands and rows for the threshold, computed the same way) buckets the documents by their signature slice and returns the
-buckets of more than one document (a task takes several bands, on the process pool or the Dask
-cluster; its output is linear in the documents). One pass in the fixed global order then keeps
-the first document of every group: a document is dropped when its estimated Jaccard similarity
-with an earlier *kept* member of one of its buckets reaches the threshold. That is exactly what an
-in-memory datasketch ``MinHashLSH`` gives when documents are inserted in order (tested), whatever
-the parallelism upstream.
+bands and rows for the threshold, computed the same way) buckets the documents by their signature
+slice and returns the buckets of more than one document (a task takes several bands, on the process
+pool or the Dask cluster; its output is linear in the documents). One pass in the fixed global order
+then keeps the first document of every group: a document is dropped when its estimated Jaccard
+similarity with an earlier *kept* member of one of its buckets reaches the threshold. That is
+exactly what an in-memory datasketch ``MinHashLSH`` gives when documents are inserted in order
+(tested), whatever the parallelism upstream.
 """
 
 from __future__ import annotations
