@@ -51,11 +51,20 @@ def shared_ephemeral_server() -> None:
 
 
 EXIT_USER_ERROR = 2  # bad params or inputs: the message says what to change
+EXIT_FAILED = 1
+WORKER_DIED = (
+    "a worker process of this stage died (killed, or out of memory). Each output is written "
+    "whole or not at all, so nothing partial was kept: rerun the stage, with fewer workers "
+    "(data.workers, tokenize.workers) if memory is short."
+)
 
 
 def run_cli(flow_fn, description: str, argv: list[str] | None = None, preflight=None) -> int:
     """Exit status: 0 done, 2 a problem the user can fix (one clear line), 75 stopped (resumable),
-    1 anything else (a traceback). ``preflight(params)`` checks inputs before anything starts."""
+    1 anything else: a traceback, or for a worker process that died, a last line saying so.
+    ``preflight(params)`` checks inputs before anything starts."""
+    from concurrent.futures.process import BrokenProcessPool
+
     from tasks.redaction import install_log_redaction
     from tasks.runners import freeze_gc
     from tasks.train import EXIT_STOPPED, TrainStopped  # 75: stopped after a checkpoint
@@ -74,4 +83,7 @@ def run_cli(flow_fn, description: str, argv: list[str] | None = None, preflight=
     except user_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except BrokenProcessPool:  # Prefect has logged the run's failure; say what it means
+        print(f"error: {WORKER_DIED}", file=sys.stderr)
+        return EXIT_FAILED
     return 0
