@@ -53,6 +53,25 @@ def stop_process(proc: subprocess.Popen, grace: float) -> None:
         proc.wait(30)
 
 
+def pool_workers(pid: int | None = None) -> set[int]:
+    """The children of process ``pid`` (this one by default) that run multiprocessing's
+    ``spawn_main``: a process pool's workers. A child just forked shows its parent's command
+    line, or none, until it has exec'd: those are waited for (10 s at most)."""
+    import psutil
+
+    parent = psutil.Process(pid)
+    deadline = time.monotonic() + 10
+    while True:
+        lines = {}
+        for p in parent.children():
+            with contextlib.suppress(psutil.Error):
+                lines[p.pid] = p.cmdline()
+        forking = [line for line in lines.values() if line in ([], parent.cmdline())]
+        if not forking or time.monotonic() > deadline:
+            return {pid for pid, line in lines.items() if any("spawn_main" in a for a in line)}
+        time.sleep(0.05)
+
+
 @contextlib.contextmanager
 def running_server(
     cmd: list[str], health_url: str, log: Path, env: dict | None = None, timeout: float = 180

@@ -2,36 +2,18 @@
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import os
 import subprocess
 import sys
 import time
 
-import psutil
-
 from tasks.env import REPO_ROOT
+from tests.conftest import pool_workers
 
 
 def _worker_state() -> tuple[int, int]:
     return os.getpid(), gc.get_freeze_count()
-
-
-def _pool_workers() -> set[int]:
-    """This process's children that run multiprocessing's ``spawn_main``. A child just forked
-    shows its parent's command line, or none, until it has exec'd: those are waited for."""
-    me = psutil.Process()
-    deadline = time.monotonic() + 10
-    while True:
-        lines = {}
-        for p in me.children():
-            with contextlib.suppress(psutil.Error):
-                lines[p.pid] = p.cmdline()
-        forking = [line for line in lines.values() if line in ([], me.cmdline())]
-        if not forking or time.monotonic() > deadline:
-            return {pid for pid, line in lines.items() if any("spawn_main" in a for a in line)}
-        time.sleep(0.05)
 
 
 def test_pool_workers_start_on_entry_and_freeze_their_start_up_objects(prefect_server):
@@ -44,9 +26,9 @@ def test_pool_workers_start_on_entry_and_freeze_their_start_up_objects(prefect_s
 
     @flow
     def on_a_pool():
-        before = _pool_workers()
+        before = pool_workers()
         with task_runner(InfraConfig(), 2) as runner:
-            started = _pool_workers() - before
+            started = pool_workers() - before
             states = task_map(runner, print)(_worker_state, [{} for _ in range(6)])
         return started, states
 

@@ -4,26 +4,19 @@ staging folder is left."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
 import time
 
-import psutil
 import pytest
 import yaml
 
-from tests.conftest import REPO, make_corpus, prose
+from tests.conftest import REPO, make_corpus, pool_workers, prose
 from tests.test_cli_and_flows import write_params
 
 pytestmark = pytest.mark.integration
-
-
-def is_worker(p: psutil.Process) -> bool:
-    try:
-        return "spawn_main" in " ".join(p.cmdline())
-    except psutil.Error:  # gone, or not yet readable
-        return False
 
 
 def test_a_killed_ingest_worker_fails_the_stage_and_keeps_the_last_output(
@@ -54,11 +47,11 @@ def test_a_killed_ingest_worker_fails_the_stage_and_keeps_the_last_output(
         )
     deadline, victim = time.monotonic() + 120, None
     while victim is None and time.monotonic() < deadline and proc.poll() is None:
-        workers = [c for c in psutil.Process(proc.pid).children() if is_worker(c)]
+        workers = sorted(pool_workers(proc.pid))
         staged = list(tmp_path.glob(".clean-staging.*/shard-*.parquet"))  # cleaning under way
         if len(workers) == 2 and staged:
             victim = workers[0]
-            victim.send_signal(signal.SIGKILL)
+            os.kill(victim, signal.SIGKILL)
         time.sleep(0.05)
     proc.wait(300)
     err = log.read_text()
