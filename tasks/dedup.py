@@ -18,6 +18,7 @@ exactly what an in-memory datasketch ``MinHashLSH`` gives when documents are ins
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -60,17 +61,46 @@ def _powers(n: int) -> tuple[np.ndarray, np.ndarray]:
     return _POWERS[0][:n], _POWERS[1][:n]
 
 
+_local = threading.local()
+_SCRATCH_MAX = 16 << 20
+
+
+def _scratch(name: str, shape: tuple[int, ...], dtype: type) -> np.ndarray:
+    """A reusable buffer of this thread's, grown as needed: the per-batch working arrays (MB each)
+    are then allocated once per process instead of once per batch, which spares their page
+    faults and keeps a long-lived worker's heap from fragmenting (a freshly mapped array is
+    touched page by page)."""
+    n = int(np.prod(shape))
+    if n * np.dtype(dtype).itemsize > _SCRATCH_MAX:  # a rare large input: not kept
+        return np.empty(shape, dtype=dtype)
+    buf = getattr(_local, name, None)
+    if buf is None or buf.dtype != dtype or len(buf) < n:
+        grown = min(
+            2 * len(buf) if buf is not None else 0, _SCRATCH_MAX // np.dtype(dtype).itemsize
+        )
+        buf = np.empty(max(n, grown), dtype=dtype)
+        setattr(_local, name, buf)
+    return buf[:n].reshape(shape)
+
+
 def span_hashes(b: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
     """The 64-bit hash of each span of ``b``: the polynomial hash of a word is read off prefix
     sums of ``byte * P^-i`` (P is odd, so invertible modulo 2^64), so it does not depend on where
     the word sits."""
     pinv_pow, p_pow = _powers(len(b))
+    # prefix[i] = sum_{j < i} (b_j + 1) * P^-(j+1), built in one buffer: no temporaries, whose
+    # churn fragments a long-lived worker's heap
+    prefix = _scratch("prefix", (len(b) + 1,), np.uint64)
+    prefix[0] = 0
     with np.errstate(over="ignore"):
-        prefix = np.concatenate(
-            ([np.uint64(0)], np.cumsum((b.astype(np.uint64) + np.uint64(1)) * pinv_pow))
-        )
+        np.add(b, np.uint64(1), out=prefix[1:])
+        np.multiply(prefix[1:], pinv_pow, out=prefix[1:])
+        np.cumsum(prefix, out=prefix)
         # sum_{i in [s, e)} (b_i + 1) * P^-(i+1), scaled by P^e: the word's hash, independent of s.
-        return (prefix[ends] - prefix[starts]) * p_pow[ends - 1]
+        h = prefix[ends]
+        h -= prefix[starts]
+        h *= p_pow[ends - 1]
+        return h
 
 
 def text_bytes(text: str) -> np.ndarray:
@@ -161,7 +191,7 @@ def _minima(
     modulo 2^32. A text without shingles keeps the all-max signature."""
     a, b = perms
     sig = np.full((k, len(a)), np.iinfo(np.uint32).max, dtype=np.uint32)
-    buf = np.empty((len(a), min(len(hv), _BLOCK)), dtype=np.uint32)
+    buf = _scratch("minima", (len(a), min(len(hv), _BLOCK)), np.uint32)
     for i in range(0, len(hv), _BLOCK):
         block, who = hv[i : i + _BLOCK], owner[i : i + _BLOCK]
         out = buf[:, : len(block)]
@@ -178,10 +208,11 @@ def ngram_hashes(tok: np.ndarray, n: int) -> np.ndarray:
     m = len(tok) - n + 1
     if m <= 0:
         return np.empty(0, dtype=np.uint64)
-    h = np.zeros(m, dtype=np.uint64)
+    h = tok[:m].astype(np.uint64)  # a copy, then updated in place
     with np.errstate(over="ignore"):
-        for k in range(n):
-            h = h * _P + tok[k : k + m]
+        for k in range(1, n):
+            h *= _P
+            h += tok[k : k + m]
     return h
 
 

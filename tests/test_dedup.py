@@ -239,3 +239,36 @@ def test_token_hashes_of_a_long_text_equal_one_pass_over_it():
     whole = span_hashes(b, *word_spans(b))
     assert len(b) > 3_000_000 and len(whole) == 400_001
     assert np.array_equal(token_hashes(text), whole)
+
+
+def test_working_buffers_are_reused_and_never_leak_between_batches():
+    """The per-batch working arrays are one buffer per thread, reused: a small batch after a
+    large one (whose values stay in the buffer past the small one's end) hashes and signs exactly
+    as in a fresh thread, and a thread never shares another's buffer."""
+    import threading
+
+    from tasks.dedup import _scratch
+
+    perms = minhash_permutations(128, 1)
+    small = [b"the quick brown fox jumps over the lazy dog " * 3, b"tiny", b""]
+    large = [(" ".join(f"w{i}" for i in range(50_000))).encode()]
+
+    def run(batches):
+        out = []
+        for batch in batches:
+            tok, bounds = batch_token_hashes(batch)
+            out.append((tok, batch_signatures(tok, bounds, 5, perms)))
+        return out[-1]
+
+    fresh: list = []
+    thread = threading.Thread(
+        target=lambda: fresh.append((run([small]), _scratch("prefix", (8,), np.uint64)))
+    )
+    thread.start()
+    thread.join()
+    (tok_fresh, sig_fresh), other_thread_buf = fresh[0]
+    tok, sig = run([large, small])
+    assert np.array_equal(tok, tok_fresh) and np.array_equal(sig, sig_fresh)
+    buf = _scratch("prefix", (8,), np.uint64)
+    assert np.shares_memory(buf, _scratch("prefix", (100,), np.uint64))  # reused, not re-made
+    assert not np.shares_memory(buf, other_thread_buf)

@@ -100,3 +100,38 @@ def test_start_map_runs_the_jobs_while_the_caller_goes_on(prefect_server, tmp_pa
     serial = start_map(serial_map, _touch_after, [{"path": p} for p in paths])
     assert not any(os.path.exists(p) for p in paths)
     assert serial() == paths and all(os.path.exists(p) for p in paths)
+
+
+def test_bound_heap_gives_large_arrays_their_own_mapping():
+    """By default glibc raises its mapping threshold to the size of each large block freed, so
+    the next array just below it comes from the heap, where it fragments what is freed around it
+    (a worker cleaning a 29 MB shard: heap 75 -> 103 MB, 44 MB of it free). After
+    ``bound_heap`` a 1.5 MB array still gets a mapping of its own, handed back when freed
+    (measured in fresh interpreters, with and without it; the memory effect is in
+    ``bench/data_scale.py``)."""
+    code = (
+        "import ctypes, sys, numpy as np\n"
+        "from tasks.runners import bound_heap\n"
+        "class Info(ctypes.Structure):\n"
+        "    _fields_ = [(n, ctypes.c_size_t) for n in\n"
+        "        'arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost'.split()]\n"
+        "libc = ctypes.CDLL('libc.so.6')\n"
+        "libc.mallinfo2.restype = Info\n"
+        "if sys.argv[1] == 'bound': bound_heap()\n"
+        "a = np.ones(1 << 18)  # 2 MB, mapped\n"
+        "del a  # by default the threshold rises to 2 MB here\n"
+        "before = libc.mallinfo2().hblks\n"
+        "b = np.ones(3 << 16)  # 1.5 MB\n"
+        "print(libc.mallinfo2().hblks - before)\n"
+    )
+    own_mappings = {}
+    for mode in ("default", "bound"):
+        out = subprocess.run(
+            [sys.executable, "-c", code, mode],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        own_mappings[mode] = int(out.stdout)
+    assert own_mappings == {"default": 0, "bound": 1}
