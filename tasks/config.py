@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -181,10 +182,11 @@ class TokenizeConfig(Section):
     @model_validator(mode="after")
     def _check(self) -> TokenizeConfig:
         for name, m in self.mixture.items():
-            if m.weight < 0 or m.weight != m.weight:
+            if not 0 <= m.weight < math.inf:  # NaN fails this too
+                problem = "is negative" if m.weight < 0 else "is not finite"
                 raise ValueError(
-                    f"mixture source {name!r}: weight {m.weight} is negative; a weight is a share "
-                    "of the training tokens, 0 or more"
+                    f"mixture source {name!r}: weight {m.weight} {problem}; a weight is a share "
+                    "of the training tokens, a finite number 0 or more"
                 )
             if not m.max_epochs >= 1:
                 raise ValueError(
