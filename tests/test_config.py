@@ -49,6 +49,16 @@ def test_override_must_have_equals_and_valid_index():
         params_from_dict({"data": {"sources": [{"uri": "stdlib"}]}}, ["data.sources.3.uri=x"])
 
 
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan"])
+def test_no_number_may_be_infinite_or_nan(value):
+    """An infinite sandbox or S3 timeout would switch the limit off; an infinite learning rate
+    would only show as a NaN loss. Every number is refused so, from an override as from the file,
+    with the key named."""
+    for key in ("evaluate.sandbox_timeout_s", "infra.s3_read_timeout_s", "train.lr"):
+        with pytest.raises(ConfigError, match=rf"{key}: input should be a finite number"):
+            params_from_dict({}, [f"{key}={value}"])
+
+
 def test_cross_field_check():
     with pytest.raises(ConfigError, match="min_chars"):
         params_from_dict({"data": {"min_chars": 10, "max_chars": 5}})
