@@ -93,7 +93,7 @@ def span_hashes(b: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarr
     prefix = _scratch("prefix", (len(b) + 1,), np.uint64)
     prefix[0] = 0
     with np.errstate(over="ignore"):
-        np.add(b, np.uint64(1), out=prefix[1:])
+        np.add(b, 1, out=prefix[1:], dtype=np.uint64)  # in uint64 under any numpy promotion
         np.multiply(prefix[1:], pinv_pow, out=prefix[1:])
         np.cumsum(prefix, out=prefix)
         # sum_{i in [s, e)} (b_i + 1) * P^-(i+1), scaled by P^e: the word's hash, independent of s.
