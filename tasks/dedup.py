@@ -74,11 +74,8 @@ def _scratch(name: str, shape: tuple[int, ...], dtype: type) -> np.ndarray:
     if n * np.dtype(dtype).itemsize > _SCRATCH_MAX:  # a rare large input: not kept
         return np.empty(shape, dtype=dtype)
     buf = getattr(_local, name, None)
-    if buf is None or buf.dtype != dtype or len(buf) < n:
-        grown = min(
-            2 * len(buf) if buf is not None else 0, _SCRATCH_MAX // np.dtype(dtype).itemsize
-        )
-        buf = np.empty(max(n, grown), dtype=dtype)
+    if buf is None or buf.dtype != dtype or len(buf) < n:  # grows to the largest batch yet
+        buf = np.empty(n, dtype=dtype)
         setattr(_local, name, buf)
     return buf[:n].reshape(shape)
 
@@ -300,9 +297,10 @@ def band_buckets(bands: list[np.ndarray], rows: np.ndarray) -> list[np.ndarray]:
     for band in bands:
         # each row's slice as one opaque value, so one sort groups equal slices (4x faster than
         # np.unique(axis=0)); only the groups of two or more are cut out
-        key = np.ascontiguousarray(band).view(np.dtype((np.void, band.itemsize * band.shape[1])))
-        order = np.argsort(key.ravel(), kind="stable")
-        sorted_key = key.ravel()[order]
+        width = band.itemsize * band.shape[1]
+        key = np.ascontiguousarray(band).view(np.dtype((np.void, width))).ravel()
+        order = np.argsort(key, kind="stable")
+        sorted_key = key[order]
         starts = np.flatnonzero(np.r_[True, sorted_key[1:] != sorted_key[:-1]])
         sizes = np.diff(np.r_[starts, len(order)])
         shared = sizes > 1

@@ -420,7 +420,7 @@ def finalize(
     keep = np.array(dd.keep, dtype=bool)
     kept = meta[keep]  # the surviving documents' sources and sizes, for the card
     sizes = meta["n_bytes"].tolist()
-    kept_at = [(*w, sizes[i]) for i, w in enumerate(where) if dd.keep[i]]
+    kept_at = [(*where[i], sizes[i]) for i in np.flatnonzero(keep).tolist()]
     # The signatures and dedup's working set are done with: hand the heap back before the parts
     # are written, when the workers are busy again (at 405 MB: 371 MB then, not 406).
     del sigs, where
