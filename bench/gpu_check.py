@@ -3,7 +3,7 @@ preset and one parallelism on the packed demo shards, under torchrun. Prints one
 tokens/s, MFU against the device's bf16 peak, peak memory, and the per-step losses (which
 bench/gpu_check.sh compares between DDP and FSDP2).
 
-    torchrun --standalone --nproc_per_node=1 bench/gpu_check.py --preset 350m --parallel fsdp
+    torchrun --standalone --nproc_per_node=1 -m bench.gpu_check --preset 350m --parallel fsdp
 
 On a CPU (``--device cpu``) it runs the same path in fp32, which is how the test suite keeps this
 script working on machines without a GPU."""
@@ -18,13 +18,11 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
+import torch.distributed as dist
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-
-from model.trainer import Trainer  # noqa: E402
-from tasks.config import load_params  # noqa: E402
+from model.trainer import Trainer
+from tasks.params import load_params
 
 
 def report(path: str, tol: float = 0.05) -> int:

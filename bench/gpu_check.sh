@@ -35,10 +35,10 @@ fi
 for preset in $PRESETS; do
   for parallel in ddp fsdp; do
     echo "== $preset $parallel ($STEPS steps, seq $SEQ, micro-batch $MICRO, compile $COMPILE)" >&2
-    $PY -m torch.distributed.run --standalone --nproc_per_node=1 bench/gpu_check.py \
+    $PY -m torch.distributed.run --standalone --nproc_per_node=1 -m bench.gpu_check \
       --preset "$preset" --parallel "$parallel" --steps "$STEPS" --seq "$SEQ" \
       --micro-batch "$MICRO" --device "$DEVICE" --tokens "$TOKENS" --compile "$COMPILE" \
       | grep '^{' >>"$RESULTS"
   done
 done
-$PY bench/gpu_check.py --report "$RESULTS"
+$PY -m bench.gpu_check --report "$RESULTS"

@@ -5,7 +5,7 @@ dedup and write, and compares against a baseline measured in the same run: the s
 through a plain reference path (regex word split + datasketch ``MinHash.update_batch`` with its
 default SHA-1 hashing), the way a first implementation would do it.
 
-    .venv/bin/python bench/ingest_throughput.py [--limit N]
+    .venv/bin/python -m bench.ingest_throughput [--limit N]
 """
 
 from __future__ import annotations
@@ -14,24 +14,19 @@ import argparse
 import contextlib
 import hashlib
 import re
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from tasks.env import apply_offline_defaults  # noqa: E402
-
-apply_offline_defaults()
-
-from tasks.config import DataConfig  # noqa: E402
-from tasks.filters import first_failure  # noqa: E402
-from tasks.ingest import finalize, plan_shards, process_shard  # noqa: E402
-from tasks.normalize import DecodeError, decode, normalize_text  # noqa: E402
+from tasks.common.env import apply_offline_defaults
+from tasks.ingest.config import DataConfig
+from tasks.ingest.filters import first_failure
+from tasks.ingest.normalize import DecodeError, decode, normalize_text
+from tasks.ingest.stage import finalize, plan_shards, process_shard
 
 
 def main() -> None:
+    apply_offline_defaults()
     ap = argparse.ArgumentParser()
     ap.add_argument("--limit", type=int, default=0, help="only the first N files (0: all)")
     args = ap.parse_args()

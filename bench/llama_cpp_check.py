@@ -1,6 +1,6 @@
 """The release's GGUF files in llama.cpp itself: tokenization and greedy output compared with ours.
 
-    .venv/bin/python bench/llama_cpp_check.py --bin /path/to/llama.cpp/build/bin [--bundle release/<name>]
+    .venv/bin/python -m bench.llama_cpp_check --bin /path/to/llama.cpp/build/bin [--bundle release/<name>]
 
 Needs a llama.cpp build with the ``llama-tokenize`` and ``llama-simple`` tools (for example from
 the ``llama-cpp-python`` source distribution: ``cmake -B build && cmake --build build --target
@@ -14,14 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from tasks.env import apply_offline_defaults  # noqa: E402
-
-apply_offline_defaults()
+from tasks.common.env import apply_offline_defaults
 
 PROMPTS = ["def fibonacci(n):", "import os\n\n\ndef main(", "class Stack:\n    def __init__(self"]
 
@@ -56,11 +51,12 @@ def llama_greedy(binary: Path, gguf: Path, prompt: str, n: int) -> str:
 
 
 def main() -> None:
+    apply_offline_defaults()
     import torch
     from tokenizers import Tokenizer
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from model.export_gguf import sample_texts
+    from tasks.release.gguf import sample_texts
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--bin", required=True, type=Path, help="llama.cpp's build/bin folder")

@@ -8,10 +8,10 @@ and a check that every encoder gives identical ids.
 This VM's speed drifts by tens of percent within minutes, so the measurements are interleaved:
 each round times every encoder once, the ratio is taken within a round, and medians are reported.
 The reference is the fastest in that round of ``tokenizers`` with GPT-4's pattern as published,
-with our equivalent rewrite of it (tasks/config.py), and with one thread instead of Rayon's pool.
+with our equivalent rewrite of it (tasks/tokenize/config.py), and with one thread instead of Rayon's pool.
 
     make run   # (or python -m flows.ingest) so that data/clean exists
-    .venv/bin/python bench/tokenize_throughput.py [--rounds 3]
+    .venv/bin/python -m bench.tokenize_throughput [--rounds 3]
 """
 
 from __future__ import annotations
@@ -24,21 +24,17 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import pyarrow.parquet as pq
+from tokenizers import Regex, Tokenizer, pre_tokenizers
 
-from tasks.env import apply_offline_defaults  # noqa: E402
-
-apply_offline_defaults()
-
-import pyarrow.parquet as pq  # noqa: E402
-from tokenizers import Regex, Tokenizer, pre_tokenizers  # noqa: E402
-
-from tasks.config import GPT4_SPLIT_PATTERN, load_params  # noqa: E402
-from tasks.tokenize import (  # noqa: E402
+from tasks.common.env import apply_offline_defaults
+from tasks.params import load_params
+from tasks.tokenize.config import GPT4_SPLIT_PATTERN
+from tasks.tokenize.corpus import parquet_parts
+from tasks.tokenize.stage import encode_part
+from tasks.tokenize.tokenizer import (
     EncoderSpec,
     encode_batch,
-    encode_part,
-    parquet_parts,
     save_tokenizer,
     tiktoken_encoding,
     train_tokenizer,
@@ -64,6 +60,7 @@ def with_pattern(tokenizer_json: str, pattern: str):
 
 
 def main() -> None:
+    apply_offline_defaults()
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians reported)")
     args = ap.parse_args()

@@ -3,7 +3,7 @@ optimizer, in one run on the same machine; and our MFU against this device's pea
 
 CPU (default): fp32, peak = the theoretical fp32 roof of this CPU (cores x clock x vector FLOPs
                per cycle); also shown against the best fp32 matmul timed in the same run.
-GPU variant:   .venv/bin/python bench/train_throughput.py --device cuda --dtype bfloat16 --compile --preset 125m
+GPU variant:   .venv/bin/python -m bench.train_throughput --device cuda --dtype bfloat16 --compile --preset 125m
                (peak = the datasheet bf16 FLOP/s of the GPU; runs in a few minutes on an H100).
 """
 
@@ -11,21 +11,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
 
-from tasks.env import apply_offline_defaults  # noqa: E402
-
-apply_offline_defaults()
-
-import torch  # noqa: E402
-
-from model.export import hf_config  # noqa: E402
-from model.metrics import device_peak  # noqa: E402
-from model.model import Llama, ModelConfig  # noqa: E402
+from model.config import ModelConfig
+from model.export import hf_config
+from model.metrics import device_peak
+from model.model import Llama
+from tasks.common.env import apply_offline_defaults
 
 
 def step_fn(model, optim, x, y, hf: bool, autocast):
@@ -63,6 +57,7 @@ def timed(step, n_warmup: int, n_steps: int, device) -> float:
 
 
 def main() -> None:
+    apply_offline_defaults()
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--vocab", type=int, default=8192)

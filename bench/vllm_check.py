@@ -2,7 +2,7 @@
 template and stops at its end-of-turn token; its greedy tokens are compared with transformers'
 greedy generation through ``apply_chat_template`` on the same folder.
 
-    .venv/bin/python bench/vllm_check.py --vllm-python /path/to/vllm-venv/bin/python \\
+    .venv/bin/python -m bench.vllm_check --vllm-python /path/to/vllm-venv/bin/python \\
         [--bundle release/llmforge-demo-chat-0.1.0]
 
 vLLM is not a dependency: it runs in its own virtual environment (for example ``pip install
@@ -17,11 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from tasks.env import apply_offline_defaults  # noqa: E402
-
-apply_offline_defaults()
+from tasks.common.env import apply_offline_defaults
 
 PROMPTS = [
     "Complete this Python function:\n\ndef fibonacci(n):",
@@ -62,6 +58,7 @@ def ours(folder: Path) -> list[list[int]]:
 
 
 def main() -> int:
+    apply_offline_defaults()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--vllm-python", required=True, help="python of a venv with vLLM installed")
     ap.add_argument("--bundle", default="release/llmforge-demo-chat-0.1.0")

@@ -1,5 +1,4 @@
-"""Prefect flows, one per pipeline stage, plus ``pipeline.py`` that runs them all."""
+"""Prefect flows, one per pipeline stage, plus ``pipeline.py`` that runs them all.
 
-from tasks.env import apply_offline_defaults
-
-apply_offline_defaults()
+``python -m flows <stage>`` is the command line of each (``python -m flows --help`` lists them);
+a flow module does nothing when imported but define its flow."""

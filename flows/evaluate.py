@@ -1,4 +1,4 @@
-"""Evaluate flow: models/hf -> reports/eval (``python -m flows.evaluate``)."""
+"""Evaluate flow: models/hf -> reports/eval (``python -m flows evaluate``)."""
 
 from __future__ import annotations
 
@@ -8,23 +8,30 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
-from flows.cli import run_cli
-from tasks import tracking
-from tasks.config import load_params
-from tasks.eval_report import artifact_table, numeric_metrics, progress_rows, write_report
-from tasks.evaluate import run_evaluate
-from tasks.runners import as_task
+from flows.cli import main
+from tasks.common import tracking
+from tasks.common.env import apply_offline_defaults
+from tasks.common.records import DataCard
+from tasks.common.runners import as_task
+from tasks.evaluate.report import artifact_table, numeric_metrics, progress_rows, write_report
+from tasks.evaluate.stage import run_evaluate
+from tasks.params import load_params
 
 
 # log_prints off, explicitly: a subflow inherits the pipeline's True, and then the dis() output
 # that dill captures from stdout (datasets fingerprints lm-eval's tasks) would fill the run log.
 @flow(name="evaluate", log_prints=False)
-def evaluate(params_file: str = "params.yaml", overrides: list[str] | None = None) -> dict:
+def evaluate(
+    params_file: str = "params.yaml",
+    overrides: list[str] | None = None,
+    parent_run_id: str | None = None,
+) -> dict:
+    apply_offline_defaults()  # a deployment run starts here, not in flows.cli
     params = load_params(params_file, overrides or [])
     cfg, log = params.evaluate, get_run_logger()
-    with tracking.stage_run("evaluate", params, "evaluate") as run:
+    with tracking.stage_run("evaluate", params, "evaluate", parent_run_id) as run:
         results = run_evaluate(cfg, log.info, step=as_task)  # a task run per benchmark
-        rows = write_report(results, cfg.out_dir, cfg.data_card)
+        rows = write_report(results, cfg.out_dir, DataCard.find(cfg.data_dir))
         out = Path(cfg.out_dir)
         import mlflow
 
@@ -59,5 +66,5 @@ def evaluate(params_file: str = "params.yaml", overrides: list[str] | None = Non
     }
 
 
-if __name__ == "__main__":
-    sys.exit(run_cli(evaluate, "Evaluate: lm-eval on models/hf, compared side by side with GPT-4."))
+if __name__ == "__main__":  # the same as python -m flows evaluate
+    sys.exit(main(["evaluate", *sys.argv[1:]]))

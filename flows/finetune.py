@@ -1,6 +1,6 @@
 """Finetune flow: conversations -> data/sft -> the base model (models/hf) fine-tuned into a chat
 model (models/chat), launched with torchrun through the train stage's trainer
-(``python -m flows.finetune [--params P] [finetune.max_steps=50 ...]``)."""
+(``python -m flows finetune [--params P] [finetune.run.max_steps=50 ...]``)."""
 
 from __future__ import annotations
 
@@ -9,20 +9,26 @@ import sys
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from flows.cli import run_cli
-from tasks import tracking
-from tasks.config import load_params
-from tasks.finetune import check_inputs, prepare_conversations
-from tasks.runners import as_task
-from tasks.summary import markdown_table
-from tasks.train import launch_and_log
+from flows.cli import main
+from tasks.common import tracking
+from tasks.common.env import apply_offline_defaults
+from tasks.common.runners import as_task
+from tasks.common.summary import markdown_table
+from tasks.finetune.conversations import prepare_conversations
+from tasks.params import load_params
+from tasks.train.launch import launch_and_log
 
 
 @flow(name="finetune", log_prints=True)
-def finetune(params_file: str = "params.yaml", overrides: list[str] | None = None) -> dict:
+def finetune(
+    params_file: str = "params.yaml",
+    overrides: list[str] | None = None,
+    parent_run_id: str | None = None,
+) -> dict:
+    apply_offline_defaults()  # a deployment run starts here, not in flows.cli
     params = load_params(params_file, overrides or [])
     cfg, log = params.finetune.train_config(params.train), get_run_logger()
-    with tracking.stage_run("finetune", params, "finetune") as run:
+    with tracking.stage_run("finetune", params, "finetune", parent_run_id) as run:
         data = as_task("prepare-conversations", lambda: prepare_conversations(params, log.info))
         import mlflow
 
@@ -39,11 +45,5 @@ def finetune(params_file: str = "params.yaml", overrides: list[str] | None = Non
     return metrics
 
 
-if __name__ == "__main__":
-    sys.exit(
-        run_cli(
-            finetune,
-            "Finetune: supervised fine-tuning of the base model into a chat model (torchrun).",
-            preflight=check_inputs,
-        )
-    )
+if __name__ == "__main__":  # the same as python -m flows finetune
+    sys.exit(main(["finetune", *sys.argv[1:]]))

@@ -1,4 +1,4 @@
-"""Ingest flow: sources -> data/clean (``python -m flows.ingest [--params P] [key=value ...]``)."""
+"""Ingest flow: sources -> data/clean (``python -m flows ingest [--params P] [key=value ...]``)."""
 
 from __future__ import annotations
 
@@ -7,20 +7,25 @@ import sys
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from flows.cli import run_cli
-from tasks import tracking
-from tasks.config import Params
-from tasks.ingest import card_markdown, ingest_started
-from tasks.redaction import install_log_redaction
-from tasks.runners import describe, task_map, task_runner
-from tasks.storage import S3Settings
+from flows.cli import main
+from tasks.common import tracking
+from tasks.common.env import apply_offline_defaults
+from tasks.common.redaction import install_log_redaction
+from tasks.common.runners import describe, task_map, task_runner
+from tasks.common.storage import S3Settings
+from tasks.ingest.card import card_markdown
+from tasks.ingest.stage import ingest_started
+from tasks.params import load_params
 
 
 @flow(name="ingest", log_prints=True)
-def ingest(params_file: str = "params.yaml", overrides: list[str] | None = None) -> dict:
-    from tasks.config import load_params
-
-    params: Params = load_params(params_file, overrides or [])
+def ingest(
+    params_file: str = "params.yaml",
+    overrides: list[str] | None = None,
+    parent_run_id: str | None = None,
+) -> dict:
+    apply_offline_defaults()  # a deployment run starts here, not in flows.cli
+    params = load_params(params_file, overrides or [])
     cfg, log = params.data, get_run_logger()
     install_log_redaction()  # stage_run installs it too, but the planning logs before that
     # The workers start first and get the shards before the MLflow run opens: its start-up (~2
@@ -31,7 +36,7 @@ def ingest(params_file: str = "params.yaml", overrides: list[str] | None = None)
     with (
         runner,
         ingest_started(cfg, s3, task_map(runner, log.info), log=log.info) as finish,
-        tracking.stage_run("ingest", params, "data") as run,
+        tracking.stage_run("ingest", params, "data", parent_run_id) as run,
     ):
         summary = finish()
         tracking.log_stage_outputs(summary.metrics, summary.seconds, {"card.json": summary.card})
@@ -53,7 +58,5 @@ def ingest(params_file: str = "params.yaml", overrides: list[str] | None = None)
     return summary.metrics
 
 
-if __name__ == "__main__":
-    sys.exit(
-        run_cli(ingest, "Ingest: sources -> cleaned, deduplicated, decontaminated Parquet shards.")
-    )
+if __name__ == "__main__":  # the same as python -m flows ingest
+    sys.exit(main(["ingest", *sys.argv[1:]]))

@@ -13,16 +13,17 @@ import time
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
-from flows.cli import run_cli
+from flows.cli import main
 from flows.evaluate import evaluate
 from flows.finetune import finetune
 from flows.ingest import ingest
 from flows.release import release
 from flows.tokenize import tokenize
 from flows.train import train
-from tasks import dvc, tracking
-from tasks.config import load_params
-from tasks.summary import key_figure, pipeline_summary
+from tasks.common import dvc, tracking
+from tasks.common.env import apply_offline_defaults
+from tasks.common.summary import key_figure, pipeline_summary
+from tasks.params import load_params
 
 STAGES = {
     "ingest": ingest,
@@ -38,6 +39,7 @@ STAGES = {
 def pipeline(
     params_file: str = "params.yaml", overrides: list[str] | None = None, force: bool = False
 ) -> dict:
+    apply_offline_defaults()  # a deployment run starts here, not in flows.cli
     log = get_run_logger()
     params = load_params(params_file, overrides or [])
     record = not overrides and params_file == "params.yaml" and dvc.available()
@@ -51,7 +53,11 @@ def pipeline(
             else:
                 if record:
                     dvc.clear_outs(name)
-                results[name] = stage_flow(params_file=params_file, overrides=overrides or [])
+                results[name] = stage_flow(
+                    params_file=params_file,
+                    overrides=overrides or [],
+                    parent_run_id=run.info.run_id,
+                )
                 statuses[name] = "ran"
                 if record:
                     dvc.commit(name)
@@ -75,5 +81,5 @@ def pipeline(
     return results
 
 
-if __name__ == "__main__":
-    sys.exit(run_cli(pipeline, "Run every stage of the pipeline as one Prefect flow."))
+if __name__ == "__main__":  # the same as python -m flows pipeline
+    sys.exit(main(["pipeline", *sys.argv[1:]]))

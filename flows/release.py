@@ -1,41 +1,48 @@
 """Release flow: models/hf + reports/eval -> release/<name>-<version>/ and .tar.gz, optionally
-uploaded to S3 and registered in MLflow (``python -m flows.release``).
+uploaded to S3 and registered in MLflow (``python -m flows release``).
 
-``python -m flows.release verify PATH_OR_TARBALL_OR_S3_URI`` checks a release byte for byte."""
+``python -m flows release verify PATH_OR_TARBALL_OR_S3_URI`` checks a release byte for byte."""
 
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from flows.cli import run_cli
-from tasks import tracking
-from tasks.config import Params, load_params
-from tasks.release import ReleaseError, build_bundle, build_tarball, register, upload, verify
-from tasks.storage import S3Settings
+from flows.cli import main
+from tasks.common import tracking
+from tasks.common.env import apply_offline_defaults
+from tasks.common.storage import S3Settings
+from tasks.params import Params, load_params
+from tasks.release.bundle import build_bundle, build_tarball, upload
+from tasks.release.registry import register
+from tasks.release.verify import verify
 
 
 @flow(name="release")
-def release(params_file: str = "params.yaml", overrides: list[str] | None = None) -> dict:
+def release(
+    params_file: str = "params.yaml",
+    overrides: list[str] | None = None,
+    parent_run_id: str | None = None,
+) -> dict:
     """The base model's bundle and, when release.chat_model_dir is set, the chat model's: each
     built, verified, uploaded and registered the same way (``release_one``)."""
+    apply_offline_defaults()  # a deployment run starts here, not in flows.cli
     params = load_params(params_file, overrides or [])
-    with tracking.stage_run("release", params, "release") as run:
-        out = release_one(params, run)
+    with tracking.stage_run("release", params, "release", parent_run_id) as run:
+        lineage_run = parent_run_id or run.info.run_id  # the model card names the pipeline's run
+        out = release_one(params, run, lineage_run)
         if params.release.chat_model_dir:
             chat = params.model_copy(update={"release": params.release.chat()})
-            out["chat"] = release_one(chat, run)
+            out["chat"] = release_one(chat, run, lineage_run)
     return out
 
 
-def release_one(params: Params, run) -> dict:
+def release_one(params: Params, run, lineage_run: str) -> dict:
     cfg, log = params.release, get_run_logger()
-    lineage_run = os.environ.get(tracking.PARENT_ENV) or run.info.run_id
     bundle = build_bundle(params, lineage_run)
     tarball = build_tarball(bundle)
     report = verify(str(bundle))
@@ -79,20 +86,5 @@ def release_one(params: Params, run) -> dict:
     return out
 
 
-def verify_main(argv: list[str]) -> int:
-    if len(argv) != 1:
-        print("usage: python -m flows.release verify PATH_OR_TARBALL_OR_S3_URI", file=sys.stderr)
-        return 2
-    try:
-        report = verify(argv[0])
-    except ReleaseError as exc:
-        print(f"FAILED: {exc}", file=sys.stderr)
-        return 1
-    print(f"OK: {report['files']} files match SHA256SUMS; model loads: {report.get('loaded')}")
-    return 0
-
-
-if __name__ == "__main__":
-    if sys.argv[1:2] == ["verify"]:
-        sys.exit(verify_main(sys.argv[2:]))
-    sys.exit(run_cli(release, "Release: a verifiable open-source bundle, uploaded and registered."))
+if __name__ == "__main__":  # the same as python -m flows release
+    sys.exit(main(["release", *sys.argv[1:]]))

@@ -1,4 +1,4 @@
-"""Tokenize flow: data/clean -> data/tokenizer + data/tokens (``python -m flows.tokenize``)."""
+"""Tokenize flow: data/clean -> data/tokenizer + data/tokens (``python -m flows tokenize``)."""
 
 from __future__ import annotations
 
@@ -7,19 +7,26 @@ import sys
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from flows.cli import run_cli
-from tasks import tracking
-from tasks.config import load_params
-from tasks.runners import task_map, task_runner
-from tasks.tokenize import mixture_table, run_tokenize
+from flows.cli import main
+from tasks.common import tracking
+from tasks.common.env import apply_offline_defaults
+from tasks.common.runners import task_map, task_runner
+from tasks.common.summary import mixture_table
+from tasks.params import load_params
+from tasks.tokenize.stage import run_tokenize
 
 
 @flow(name="tokenize", log_prints=True)
-def tokenize(params_file: str = "params.yaml", overrides: list[str] | None = None) -> dict:
+def tokenize(
+    params_file: str = "params.yaml",
+    overrides: list[str] | None = None,
+    parent_run_id: str | None = None,
+) -> dict:
+    apply_offline_defaults()  # a deployment run starts here, not in flows.cli
     params = load_params(params_file, overrides or [])
     cfg, log = params.tokenize, get_run_logger()
     runner = task_runner(params.infra, cfg.workers)  # started first, as in ingest
-    with runner, tracking.stage_run("tokenize", params, "tokenize") as run:
+    with runner, tracking.stage_run("tokenize", params, "tokenize", parent_run_id) as run:
         summary = run_tokenize(cfg, task_map(runner, log.info), log.info)
         tracking.log_stage_outputs(summary.metrics, summary.seconds, {"index.json": summary.index})
         tracking.log_tags(
@@ -56,5 +63,5 @@ def tokenize(params_file: str = "params.yaml", overrides: list[str] | None = Non
     return summary.metrics
 
 
-if __name__ == "__main__":
-    sys.exit(run_cli(tokenize, "Tokenize: train a byte-level BPE and pack token shards."))
+if __name__ == "__main__":  # the same as python -m flows tokenize
+    sys.exit(main(["tokenize", *sys.argv[1:]]))

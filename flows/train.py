@@ -1,5 +1,5 @@
 """Train flow: token shards -> models/ckpt + models/hf, launched with torchrun
-(``python -m flows.train [--params P] [train.nproc_per_node=2 ...]``)."""
+(``python -m flows train [--params P] [train.nproc_per_node=2 ...]``)."""
 
 from __future__ import annotations
 
@@ -8,19 +8,25 @@ import sys
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from flows.cli import run_cli
-from tasks import tracking
-from tasks.config import load_params
-from tasks.runners import as_task
-from tasks.summary import markdown_table
-from tasks.train import check_inputs, launch_and_log
+from flows.cli import main
+from tasks.common import tracking
+from tasks.common.env import apply_offline_defaults
+from tasks.common.runners import as_task
+from tasks.common.summary import markdown_table
+from tasks.params import load_params
+from tasks.train.launch import launch_and_log
 
 
 @flow(name="train", log_prints=True)
-def train(params_file: str = "params.yaml", overrides: list[str] | None = None) -> dict:
+def train(
+    params_file: str = "params.yaml",
+    overrides: list[str] | None = None,
+    parent_run_id: str | None = None,
+) -> dict:
+    apply_offline_defaults()  # a deployment run starts here, not in flows.cli
     params = load_params(params_file, overrides or [])
     cfg, log = params.train, get_run_logger()
-    with tracking.stage_run("train", params, "train") as run:
+    with tracking.stage_run("train", params, "train", parent_run_id) as run:
         metrics = launch_and_log(cfg, params_file, overrides or [], "train", log.info, as_task)
         url = tracking.run_url(run, params.infra)
         create_markdown_artifact(
@@ -31,11 +37,5 @@ def train(params_file: str = "params.yaml", overrides: list[str] | None = None) 
     return metrics
 
 
-if __name__ == "__main__":
-    sys.exit(
-        run_cli(
-            train,
-            "Train: a Llama-style model with torchrun, checkpointed and exported to Hugging Face format.",
-            preflight=lambda params: check_inputs(params.train),
-        )
-    )
+if __name__ == "__main__":  # the same as python -m flows train
+    sys.exit(main(["train", *sys.argv[1:]]))

@@ -31,7 +31,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from tasks.storage import atomic_write_text, disk_guard, sha256_file
+from tasks.common.storage import atomic_write_text, disk_guard, sha256_file
 
 _STEP = re.compile(r"^step-(\d{8})$")
 

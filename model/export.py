@@ -10,9 +10,10 @@ from pathlib import Path
 
 import torch
 
-from model.model import Llama, ModelConfig
-from tasks.chat import CHAT_TEMPLATE, END
-from tasks.storage import atomic_dir
+from model.config import ModelConfig
+from model.model import Llama
+from tasks.common.chat import CHAT_TEMPLATE, END
+from tasks.common.storage import atomic_dir
 
 
 class ExportCheckError(RuntimeError):
@@ -95,7 +96,7 @@ def export(
     chat: bool = False,
 ) -> float:
     """Write the folder atomically; return the max |logit difference| vs transformers. A chat
-    model's tokenizer carries the chat template (tasks/chat.py), ends a sequence at ``<|end|>``
+    model's tokenizer carries the chat template (tasks/common/chat.py), ends a sequence at ``<|end|>``
     (config, generation config and tokenizer agree) and parses special tokens in text, as
     ``apply_chat_template`` needs; a base model's tokenizer splits them into bytes."""
     from safetensors.torch import save_file

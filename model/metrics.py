@@ -1,18 +1,14 @@
-"""What a training run reports: the device's peak FLOP/s (for MFU), means over ranks, and the
-metrics logger that writes the step log (JSONL) and the progress line with rate, MFU and ETA.
-The flow sends the step log to MLflow (tasks/train.py)."""
+"""What a training run measures: the device's peak FLOP/s (for MFU) and means over ranks. The step
+log they feed is written and read by ``model.steplog``."""
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-
-from tasks.summary import eta_text
 
 # Dense bf16 peak FLOP/s of known accelerators (vendor datasheets, no sparsity).
 GPU_PEAK_BF16 = {
@@ -116,59 +112,3 @@ def all_mean(x: torch.Tensor) -> float | list[float]:
         if not x.is_cuda:
             x /= dist.get_world_size()
     return float(x) if x.dim() == 0 else x.tolist()
-
-
-class MetricsLogger:
-    """The step log (one JSONL record per log step, rank 0) and the progress line. Rates cover
-    the steps since the previous log step, so a resume or a validation pass does not skew them."""
-
-    def __init__(self, cfg, flops_per_token: float, peak: float, world: int, rank: int, log):
-        self.cfg, self.flops, self.peak, self.world, self.rank, self.log = (
-            cfg,
-            flops_per_token,
-            peak,
-            world,
-            rank,
-            log,
-        )
-        self.path = Path(cfg.log_file)
-        self.t_last, self.steps_since = time.perf_counter(), 0
-
-    def start(self, step: int) -> None:
-        """A fresh run (step 0) starts an empty log; a resumed one appends (last record per step
-        wins when it is read)."""
-        if self.rank == 0:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            if step == 0:
-                self.path.write_text("")
-        self.t_last, self.steps_since = time.perf_counter(), 0
-
-    def should_log(self, step: int) -> bool:
-        return step % self.cfg.log_every == 0 or step == self.cfg.max_steps
-
-    def step_done(self) -> None:
-        self.steps_since += 1
-
-    def record(self, step: int, values: dict) -> dict:
-        """Write one record: ``values`` (loss, lr, ...) plus the rates since the last record."""
-        dt = time.perf_counter() - self.t_last
-        tps = self.steps_since * self.cfg.global_batch_tokens / dt
-        rec = {
-            "step": step,
-            **values,
-            "tokens_per_s": tps,
-            "mfu": tps * self.flops / (self.peak * self.world),
-            "tokens_seen": step * self.cfg.global_batch_tokens,
-        }
-        if self.rank == 0:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-            eta = (self.cfg.max_steps - step) * dt / max(self.steps_since, 1)
-            self.log(
-                f"step {step}/{self.cfg.max_steps} loss {rec['loss']:.4f} lr {rec['lr']:.2e} "
-                f"gnorm {rec['grad_norm']:.2f} {tps:,.0f} tok/s MFU {100 * rec['mfu']:.1f}%"
-                + (f" val {rec['val_loss']:.4f}" if "val_loss" in rec else "")
-                + f" ETA {eta_text(eta)}"
-            )
-        self.t_last, self.steps_since = time.perf_counter(), 0
-        return rec

@@ -20,12 +20,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
 
-from tasks.env import apply_offline_defaults
+import torch
+from pydantic import BaseModel, ConfigDict, Field
 
-apply_offline_defaults()
-
-import torch  # noqa: E402
-from pydantic import BaseModel, ConfigDict, Field  # noqa: E402
+from tasks.common.env import apply_offline_defaults
 
 MAX_PROMPTS = 64  # prompts in one completions request (lm-eval batches token-id prompts)
 
@@ -107,7 +105,7 @@ class Engine:
                 f"{self.name} has no chat template (a base model): use /v1/completions, or serve "
                 "the chat model (the finetune stage's export, models/chat)"
             )
-        from tasks.chat import reserved_in
+        from tasks.common.chat import reserved_in
 
         token = reserved_in(messages, self.tok.all_special_tokens)
         if token:
@@ -341,6 +339,7 @@ class _TooLarge(Exception):
 
 
 def main(argv: list[str] | None = None) -> None:
+    apply_offline_defaults()  # before transformers loads the model: offline unless opted in
     import uvicorn
 
     ap = argparse.ArgumentParser(description="OpenAI-compatible server for an exported model.")

@@ -1,10 +1,10 @@
 """Training entry point, run by torchrun: ``torchrun --standalone --nproc_per_node=N -m model.train
 [--params params.yaml] [--stage train|finetune] [train.max_steps=100 ...]``. ``python -m
-flows.train`` and ``python -m flows.finetune`` build that command; both stages run this trainer
+flows train`` and ``python -m flows finetune`` build that command; both stages run this trainer
 (finetune: FinetuneConfig.train_config, starting from the base model, on conversations).
 
-Exit status: 0 complete (exported), 2 bad params, 3 a run that cannot go on (non-finite loss,
-mismatched or tampered checkpoint, ...), ``EXIT_STOPPED`` (75) stopped by SIGTERM after writing a
+Exit status (``model.lifecycle``): 0 complete (exported), 2 bad params, 3 a run that cannot go on
+(non-finite loss, mismatched or tampered checkpoint, ...), 75 stopped by SIGTERM after writing a
 checkpoint: rerun the same command to resume. A stopped run leaves no export and no metrics."""
 
 from __future__ import annotations
@@ -18,25 +18,27 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from tasks.env import apply_offline_defaults
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-apply_offline_defaults()
+from model import checkpoint
+from model.data import DataMismatchError
+from model.export import ExportCheckError, export
+from model.lifecycle import EXIT_CANNOT_GO_ON, STOPPED_PREFIX, die_with_parent
+from model.steplog import read_log
+from model.trainer import NonFiniteLossError, TrainResult, train
+from tasks.common.config import ConfigError
+from tasks.common.env import apply_offline_defaults
+from tasks.common.errors import EXIT_STOPPED, EXIT_USER_ERROR
+from tasks.common.storage import StorageError, atomic_write_text
+from tasks.common.summary import headline, write_metrics
+from tasks.params import parse_cli
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict  # noqa: E402
-
-from model import checkpoint  # noqa: E402
-from model.data import DataMismatchError  # noqa: E402
-from model.export import ExportCheckError, export  # noqa: E402
-from model.trainer import NonFiniteLossError, TrainResult, train  # noqa: E402
-from tasks.config import ConfigError, TrainConfig, parse_cli  # noqa: E402
-from tasks.storage import StorageError, atomic_write_text  # noqa: E402
-from tasks.summary import headline, write_metrics  # noqa: E402
-
-# 75 (EX_TEMPFAIL) and the line torchrun's caller looks for (torchrun itself exits 1).
-from tasks.train import EXIT_STOPPED, STOPPED_PREFIX, die_with_parent  # noqa: E402
+if TYPE_CHECKING:
+    from tasks.train.config import TrainConfig
 
 
 def clear_stale_outputs(cfg: TrainConfig) -> None:
@@ -45,18 +47,6 @@ def clear_stale_outputs(cfg: TrainConfig) -> None:
     shutil.rmtree(cfg.export_dir, ignore_errors=True)
     for f in (cfg.metrics_file, cfg.summary_file, cfg.plot_file):
         Path(f).unlink(missing_ok=True)
-
-
-def read_log(path: str) -> list[dict]:
-    """The training log, last record per step (a resumed run re-logs steps after its checkpoint)."""
-    by_step: dict[int, dict] = {}
-    p = Path(path)
-    if p.exists():
-        for line in p.read_text().splitlines():
-            if line.strip():
-                rec = json.loads(line)
-                by_step[rec["step"]] = rec
-    return [by_step[k] for k in sorted(by_step)]
 
 
 def write_outputs(cfg: TrainConfig, result: TrainResult, wall: float, diff: float) -> dict:
@@ -94,14 +84,20 @@ def write_outputs(cfg: TrainConfig, result: TrainResult, wall: float, diff: floa
 
 
 def main(argv: list[str] | None = None) -> int:
+    apply_offline_defaults()
+    torch.set_float32_matmul_precision("high")
     try:
         params, args = parse_cli(
-            argv, "Train or fine-tune the model (run under torchrun).", ("train", "finetune")
+            argv,
+            "Train or fine-tune the model (run under torchrun).",
+            sections=("train", "finetune"),
+            stages=("train", "finetune"),
+            prog="python -m model.train",
         )
         cfg = params.train if args.stage == "train" else params.finetune.train_config(params.train)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     t0 = time.perf_counter()
     rank = int(os.environ.get("RANK", "0"))
     if "TORCHELASTIC_RUN_ID" in os.environ:
@@ -158,12 +154,11 @@ def main(argv: list[str] | None = None) -> int:
         ValueError,
     ) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 3
+        return EXIT_CANNOT_GO_ON
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    torch.set_float32_matmul_precision("high")
     sys.exit(main())

@@ -14,6 +14,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -22,10 +23,13 @@ from torch import nn
 from model.checkpoint import Checkpointer
 from model.config import ModelConfig
 from model.data import IGNORE, ConversationLoader, TokenLoader, make_loader
-from model.metrics import MetricsLogger, all_mean, device_peak
+from model.metrics import all_mean, device_peak
 from model.model import Llama
 from model.parallelize import parallelize
-from tasks.config import TrainConfig
+from model.steplog import MetricsLogger
+
+if TYPE_CHECKING:
+    from tasks.train.config import TrainConfig
 
 
 class NonFiniteLossError(RuntimeError):
@@ -170,7 +174,7 @@ class Trainer:
         state, init = None, {}
         if cfg.init_from:  # fine-tuning: the base model's shape and weights
             from model.export import from_hf
-            from tasks.storage import sha256_file
+            from tasks.common.storage import sha256_file
 
             self.mcfg, state = from_hf(cfg.init_from)
             init = {"init_sha256": sha256_file(Path(cfg.init_from) / "model.safetensors")}
@@ -183,7 +187,7 @@ class Trainer:
             if cfg.seq_len > self.mcfg.max_seq_len:
                 raise ValueError(
                     f"sequences of {cfg.seq_len} tokens are longer than the context of "
-                    f"{cfg.init_from} ({self.mcfg.max_seq_len}): lower finetune.seq_len"
+                    f"{cfg.init_from} ({self.mcfg.max_seq_len}): lower finetune.run.seq_len"
                 )
         else:
             self.mcfg = cfg.model_shape(vocab)

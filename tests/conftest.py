@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.env import apply_offline_defaults
+from tasks.common.env import apply_offline_defaults
 
 apply_offline_defaults()
 REPO = Path(__file__).resolve().parent.parent
@@ -305,9 +305,10 @@ def make_corpus(root: Path) -> dict[str, int]:
 
 def build_tokens(root: Path, vocab_size: int = 512, stdlib_docs: int = 60) -> Path:
     """data/clean -> data/tokenizer + data/tokens under ``root``, through the real stage logic."""
-    from tasks.config import DataConfig, SourceConfig, TokenizeConfig
-    from tasks.ingest import run_ingest
-    from tasks.tokenize import run_tokenize
+    from tasks.ingest.config import DataConfig, SourceConfig
+    from tasks.ingest.stage import run_ingest
+    from tasks.tokenize.config import TokenizeConfig
+    from tasks.tokenize.stage import run_tokenize
 
     make_corpus(root / "corpus")
     dcfg = DataConfig(
@@ -339,7 +340,7 @@ def eval_fields(model_dir: Path, data: Path, out_dir: Path) -> dict:
         model_dir=str(model_dir),
         chat_model_dir=None,  # the chat model's HumanEval: tests/test_cli_and_flows.py
         tokens_dir=str(data / "tokens"),
-        data_card=str(data / "clean" / "card.json"),
+        data_dir=str(data / "clean"),
         out_dir=str(out_dir),
         limits=TEST_LIMITS,
         batch_size=4,
@@ -362,7 +363,7 @@ TEST_LIMITS = {
 def eval_model(tmp_path_factory):
     """A tiny model trained for a few steps at a 1024-token context (room for a few shots in a
     512-token vocabulary), and its data: ``(models/hf folder, data folder)``."""
-    from tests.test_train import params_file, run_train
+    from tests.train.test_stage import params_file, run_train
 
     root = tmp_path_factory.mktemp("eval-model")
     data = build_tokens(root / "d")

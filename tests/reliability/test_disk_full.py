@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 
 from model import checkpoint
-from tasks.config import TokenizeConfig
-from tasks.storage import DiskFullError, atomic_dir
-from tasks.tokenize import run_tokenize
+from tasks.common.storage import DiskFullError, atomic_dir
+from tasks.tokenize.config import TokenizeConfig
+from tasks.tokenize.stage import run_tokenize
 from tests.conftest import build_tokens
-from tests.test_train import params_file, run_train
+from tests.train.test_stage import params_file, run_train
 
 pytestmark = pytest.mark.integration
 

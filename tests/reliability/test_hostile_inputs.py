@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from tasks.config import DataConfig, SourceConfig
-from tasks.ingest import run_ingest
+from tasks.ingest.config import DataConfig, SourceConfig
+from tasks.ingest.stage import run_ingest
 from tests.conftest import REPO, prose
 
 CANARY = "canary-outside-the-source-5d1e"
@@ -105,8 +105,8 @@ def test_gzip_bomb_costs_bounded_memory(tmp_path, figure):
     compressed = (src / "bomb.txt.gz").stat().st_size
     code = f"""
 import resource, sys
-from tasks.config import DataConfig, SourceConfig
-from tasks.sources import discover, read_item
+from tasks.ingest.config import DataConfig, SourceConfig
+from tasks.ingest.sources import discover, read_item
 cfg = DataConfig(sources=[SourceConfig(uri={str(src)!r})], max_file_bytes=4_000_000)
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 out = [r for item in discover(cfg) for r in read_item(item, cfg.sources[0], cfg)]
@@ -137,7 +137,8 @@ def test_release_archive_bomb_is_refused_before_extracting(tmp_path, figure):
     import tarfile
     import time
 
-    from tasks.release import ReleaseError, verify
+    from tasks.release.errors import ReleaseError
+    from tasks.release.verify import verify
 
     bomb = tmp_path / "llmforge-demo-0.1.0.tar.gz"
     size = 1 << 30

@@ -16,8 +16,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import boto3
 import pytest
 
-from tasks.config import InfraConfig
-from tasks.storage import S3Settings, StorageError, list_s3, read_bytes, upload_file
+from tasks.common.infra import InfraConfig
+from tasks.common.storage import S3Settings, StorageError, list_s3, read_bytes, upload_file
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.integration

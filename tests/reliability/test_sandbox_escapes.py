@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.sandbox import run_python
+from tasks.evaluate.sandbox import run_python
 
 SECRET = "canary-sandbox-env-93c1"
 
@@ -112,9 +112,10 @@ def test_sandbox_escapes(tmp_path, monkeypatch, listener, figure):
 
 def test_refused_without_isolation(tmp_path, monkeypatch):
     """No unshare, no execution: evaluate refuses rather than run code unisolated."""
-    import tasks.sandbox as sandbox
-    from tasks.config import EvaluateConfig
-    from tasks.evaluate import EvaluateError, run_evaluate
+    import tasks.evaluate.sandbox as sandbox
+    from tasks.evaluate.config import EvaluateConfig
+    from tasks.evaluate.errors import EvaluateError
+    from tasks.evaluate.stage import run_evaluate
 
     sandbox._probe.cache_clear()
     monkeypatch.setenv("PATH", "/nonexistent")

@@ -11,12 +11,13 @@ from pathlib import Path
 import pytest
 from prefect import flow, get_run_logger
 
-from tasks import tracking
-from tasks.config import DataConfig, Params
-from tasks.redaction import redact_text
-from tasks.scrub import scrub
+from tasks.common import tracking
+from tasks.common.redaction import redact_text
+from tasks.ingest.config import DataConfig
+from tasks.ingest.scrub import scrub
+from tasks.params import Params
 from tests.conftest import run_flow
-from tests.test_cli_and_flows import api
+from tests.flows.test_flows import api
 
 pytestmark = pytest.mark.integration
 
@@ -35,7 +36,8 @@ def test_secrets_as_params_are_refused_before_anything_starts(tmp_path, prefect_
     for o in overrides:
         t = time.monotonic()
         out = run_flow(
-            "flows.train",
+            "flows",
+            "train",
             o,
             env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"},
         )
@@ -65,7 +67,8 @@ def test_logs_and_mlflow_hold_no_secret(prefect_server, mlflow_sqlite, monkeypat
     with temporary_settings(updates={PREFECT_API_URL: prefect_server}):
         run_id = secret_probe(Params(), url)
     time.sleep(3)  # Prefect ships logs in batches
-    logs = api(prefect_server, "/logs/filter", {"limit": 200})
+    # the newest logs: the session's server holds every earlier test's too
+    logs = api(prefect_server, "/logs/filter", {"limit": 200, "sort": "TIMESTAMP_DESC"})
     text = "\n".join(entry["message"] for entry in logs)
     assert "connecting to https://<USER>:<PASSWORD>@minio.internal:9000/bucket" in text
     db = Path(mlflow_sqlite.removeprefix("sqlite:///")).read_bytes()

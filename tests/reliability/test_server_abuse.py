@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tests.test_serve import serve_tiny_model
+from tests.model.test_serve import serve_tiny_model
 
 pytestmark = pytest.mark.integration
 

@@ -19,7 +19,7 @@ import pytest
 
 from model import checkpoint
 from tests.conftest import REPO, build_tokens
-from tests.test_train import params_file, run_train, sha
+from tests.train.test_stage import params_file, run_train, sha
 
 pytestmark = pytest.mark.integration
 
@@ -178,12 +178,12 @@ def test_tampered_checkpoint_is_refused_before_unpickling(data, tmp_path, figure
 def test_preempted_flow_fails_and_a_rerun_resumes(data, tmp_path, prefect_server, figure):
     """SIGTERM to ``python -m flows.train``: exit 75, the Prefect run ends Failed, no export or
     metrics; the same command again resumes from the checkpoint and completes."""
-    from tests.test_cli_and_flows import api
+    from tests.flows.test_flows import api
 
     d = tmp_path / "flow"
     params = params_file(d, data, max_steps=40, ckpt_every=100)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{d}/m.db"}
-    cmd = [sys.executable, "-m", "flows.train", "--params", str(params)]
+    cmd = [sys.executable, "-m", "flows", "train", "--params", str(params)]
     proc = subprocess.Popen(
         cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
@@ -214,12 +214,12 @@ def flow_run(api_url: str, run_id: str) -> dict:
 def test_a_killed_flow_is_marked_crashed_by_the_servers_automation(
     data, tmp_path, prefect_server, figure
 ):
-    """SIGKILL gives a stage no chance to end its Prefect run. With ``tasks.crash_detection``'s
+    """SIGKILL gives a stage no chance to end its Prefect run. With ``tasks.common.crash_detection``'s
     automation on the server (30 s heartbeats, Prefect's minimum), the run turns Crashed, with a
     message that says what happened and what to do, once three heartbeats are missed."""
     from prefect.automations import Automation
 
-    from tasks.crash_detection import NAME, ensure_crash_detection
+    from tasks.common.crash_detection import NAME, ensure_crash_detection
 
     assert ensure_crash_detection(60).startswith("crash detection created")
     assert ensure_crash_detection(30).startswith("crash detection updated")
@@ -236,7 +236,7 @@ def test_a_killed_flow_is_marked_crashed_by_the_servers_automation(
     try:
         with open(log, "w") as out:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "flows.train", "--params", str(params)],
+                [sys.executable, "-m", "flows", "train", "--params", str(params)],
                 cwd=REPO,
                 env=env,
                 stdout=out,
@@ -270,7 +270,7 @@ def test_bad_shape_fails_before_anything_starts(tmp_path, figure):
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"}
     env.pop("PREFECT_API_URL", None)
     out = subprocess.run(
-        [sys.executable, "-m", "flows.train", "train.n_head=7"],
+        [sys.executable, "-m", "flows", "train", "train.n_head=7"],
         cwd=REPO,
         env=env,
         capture_output=True,

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO, make_corpus, pool_workers, prose
-from tests.test_cli_and_flows import write_params
+from tests.flows.test_flows import write_params
 
 pytestmark = pytest.mark.integration
 
@@ -33,7 +33,7 @@ def test_a_killed_ingest_worker_fails_the_stage_and_keeps_the_last_output(
     params = yaml.safe_load((tmp_path / "params.yaml").read_text())
     params["data"].update(out_dir=str(out), metrics_file=str(tmp_path / "m.json"), workers=2)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    cmd = [sys.executable, "-m", "flows.ingest", "--params", str(tmp_path / "params.yaml")]
+    cmd = [sys.executable, "-m", "flows", "ingest", "--params", str(tmp_path / "params.yaml")]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     before = {p.name: p.read_bytes() for p in out.iterdir()}

@@ -1,0 +1,7 @@
+"""``python -m flows <stage> [--params P] [key=value ...]``: ``flows.cli``."""
+
+import sys
+
+from flows.cli import main
+
+sys.exit(main(sys.argv[1:]))
